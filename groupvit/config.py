@@ -1,0 +1,230 @@
+"""Typed, frozen stage configuration read from one `params.yaml` section.
+
+Every stage owns a frozen dataclass. `load_section` reads the YAML file, applies `--set section.key=value`
+overrides, and builds the dataclass, rejecting unknown keys, wrong types and out-of-range values *before* any work
+starts, with an error that names the file, the key, what was expected and what was found.
+
+Range and choice constraints live in the field metadata, declared with `param(...)`:
+
+    @dataclass(frozen=True)
+    class SynthConfig:
+        num_train: int = param(1000, ge=1, help="training images")
+        image_size: int = param(96, ge=16, le=1024)
+        mode: str = param("slide", choices=("slide", "whole"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from groupvit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, le: float | None = None,
+          gt: float | None = None, lt: float | None = None, choices: Iterable[Any] | None = None,
+          help: str = "") -> Any:
+    """A dataclass field with validation metadata (bounds apply to numbers and to each item of a tuple)."""
+    meta = {"ge": ge, "le": le, "gt": gt, "lt": lt, "choices": tuple(choices) if choices is not None else None,
+            "help": help}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple default, configs are frozen")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return "list [" + ", ".join(_type_name(a) for a in args) + "]"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (lists become tuples). Raise ConfigError."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, found {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in get_args(tp):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            args = get_args(tp)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            if len(args) == len(value):
+                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return build(tp, value, where)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, found {value!r} ({type(value).__name__})")
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if meta.get("choices") is not None and v not in meta["choices"]:
+            raise ConfigError(f"{where}: expected one of {list(meta['choices'])}, found {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        bounds = [("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                  ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")]
+        for key, ok, sym in bounds:
+            bound = meta.get(key)
+            if bound is not None and not ok(v, bound):
+                raise ConfigError(f"{where}: expected a value {sym} {bound}, found {v!r}")
+
+
+def build(cls: type[T], section: typing.Mapping[str, Any] | None, where: str) -> T:
+    """Build the frozen dataclass `cls` from a mapping; `where` prefixes every error (e.g. 'params.yaml: train')."""
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, found {section!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key_where = f"{where}.{name}"
+        if name not in section:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{key_where}: missing required key ({_type_name(hints[name])})")
+            continue
+        value = _coerce(section[name], hints[name], key_where)
+        _check_range(value, f.metadata, key_where)
+        kwargs[name] = value
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # __post_init__ cross-field checks
+        raise ConfigError(f"{where}: {e}") from None
+    return obj
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
+    """`["train.lr=0.001", "model.depths=[2,2]"]` -> [(["train", "lr"], 0.001), ...] (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, _, raw = item.partition("=")
+        path = key.strip().split(".")
+        if len(path) < 2 or not all(path):
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        parsed.append((path, yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def read_params(params_file: str | os.PathLike[str], overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The whole params file as a dict, with overrides applied."""
+    path = Path(params_file)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for keys, value in parse_overrides(overrides):
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: --set {'.'.join(keys)}: {k} is not a mapping")
+        node[keys[-1]] = value
+    return raw
+
+
+def load_section(cls: type[T], params_file: str | os.PathLike[str], section: str,
+                 overrides: Iterable[str] = (), required: bool = True) -> T:
+    """Read `section` of `params_file` (after `--set` overrides) into the frozen dataclass `cls`."""
+    raw = read_params(params_file, overrides)
+    if section not in raw:
+        if required:
+            raise ConfigError(f"{params_file}: missing section '{section}' (sections found: {', '.join(raw)})")
+        return build(cls, {}, f"{params_file}: {section}")
+    return build(cls, raw[section], f"{params_file}: {section}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON/YAML-serialisable dict of a (nested) config dataclass; tuples become lists."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def save_resolved(path: str | os.PathLike[str], **configs: Any) -> Path:
+    """Write the resolved configs of a run beside its outputs (`resolved_config.yaml`), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({k: to_dict(v) for k, v in configs.items()}, sort_keys=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"model.depths": "[2, 2]", ...}`: a flat view for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in to_dict(cfg).items() if not isinstance(cfg, dict) else cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_dict(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out

@@ -1,0 +1,1 @@
+"""Stage entrypoints (thin `main(argv)` wrappers over `groupvit` functions) and Prefect flows."""
