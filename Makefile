@@ -24,7 +24,7 @@ install:
 	else \
 		set -e; \
 		[ -x $(BIN)/python ] || { echo "install: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }; \
-		$(BIN)/python -m pip install -q --upgrade "pip>=23.2"; \
+		$(BIN)/python -m pip install -q --upgrade "pip>=23.2" "setuptools>=77"; \
 		echo "install: $(TORCH) (CPU wheel; installed first so nothing pulls a several-GB CUDA build)"; \
 		$(BIN)/python -m pip install -q $(TORCH); \
 		echo "install: locked dependencies (--no-deps: img2dataset's stale pins are known not to matter)"; \
