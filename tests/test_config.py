@@ -17,6 +17,7 @@ class Toy:
     mode: str = param("slide", choices=("slide", "whole"))
     depths: tuple[int, ...] = param((2, 2), ge=1)
     name: str | None = None
+    scale: tuple[float, float] = param((0.5, 1.0), gt=0)
 
 
 def write(tmp_path: Path, data) -> Path:
@@ -27,8 +28,8 @@ def write(tmp_path: Path, data) -> Path:
 
 def test_defaults_and_override(tmp_path):
     p = write(tmp_path, {"toy": {"steps": 5}})
-    cfg = load_section(Toy, p, "toy", ["toy.lr=0.5", "toy.depths=[3,4]"])
-    assert cfg == Toy(steps=5, lr=0.5, depths=(3, 4))
+    cfg = load_section(Toy, p, "toy", ["toy.lr=0.5", "toy.depths=[3,4]", "toy.scale=[0.25, 2]"])
+    assert cfg == Toy(steps=5, lr=0.5, depths=(3, 4), scale=(0.25, 2.0))
     with pytest.raises(Exception):
         cfg.steps = 3  # frozen
 
@@ -47,6 +48,8 @@ def test_int_accepted_for_float(tmp_path):
     ({"mode": "tile"}, ["toy.mode", "slide", "'tile'"]),
     ({"depths": [2, 0]}, ["toy.depths", ">= 1", "found 0"]),
     ({"depths": 2}, ["toy.depths", "list of int", "found 2"]),
+    ({"scale": [1.0]}, ["toy.scale", "list [float, float]", "[1.0]"]),
+    ({"scale": [1.0, "x"]}, ["toy.scale[1]", "expected float", "'x'"]),
 ])
 def test_errors_name_file_key_expected_found(tmp_path, section, needles):
     p = write(tmp_path, {"toy": section})
@@ -73,7 +76,8 @@ def test_bad_override_syntax(tmp_path):
 def test_save_resolved_roundtrip(tmp_path):
     path = save_resolved(tmp_path / "out" / "resolved_config.yaml", toy=Toy())
     data = yaml.safe_load(path.read_text())
-    assert data == {"toy": {"steps": 10, "lr": 1e-3, "mode": "slide", "depths": [2, 2], "name": None}}
+    assert data == {"toy": {"steps": 10, "lr": 1e-3, "mode": "slide", "depths": [2, 2], "name": None,
+                            "scale": [0.5, 1.0]}}
     assert flat_dict({"toy": data["toy"]})["toy.depths"] == "[2, 2]"
 
 
