@@ -1,0 +1,356 @@
+"""Url list -> deterministic webdataset shards with img2dataset, resumable after any interruption.
+
+Layout (all paths from `DownloadConfig`):
+
+    <work_dir>/input.parquet      the url list normalised to columns url, caption (img2dataset's input)
+    <work_dir>/state.json         fingerprint of input + output-changing options, shards already normalised
+    <work_dir>/raw/               img2dataset's output folder (incremental mode: finished shards are never refetched)
+    <output_dir>/NNNNN.tar        published shards: members sorted by key, fixed mtime/uid/gid/uname
+    <output_dir>/NNNNN.parquet    img2dataset's per-row metadata (every row, failures too), sorted by key
+    <output_dir>/NNNNN_stats.json img2dataset's shard stats without the timing fields
+
+Why a work dir: DVC deletes a stage's outputs before it runs, and img2dataset's output is not byte-reproducible
+(completion order, mtimes, durations). img2dataset writes to `raw/` (kept across runs, so a killed run resumes), each
+finished shard is rewritten once in place into canonical form, and `output_dir` is rebuilt from hard links to those
+files plus small normalised metadata. Same inputs -> same bytes -> DVC does not invalidate the nouns and train stages.
+A changed url list or changed image options (the fingerprint) starts `raw/` afresh.
+
+img2dataset runs as a subprocess (its CLI): it installs a SIGINT handler, which only works in
+a main thread, so calling it in-process from a Prefect task thread fails.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from groupvit.config import param, to_dict
+from groupvit.data.server import LoopbackImageServer
+from groupvit.data.urllist import loopback_address, read_url_list
+from groupvit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# img2dataset options that change the bytes of the shards; anything else (processes, threads, timeout, retries,
+# distributor) may differ between a killed run and its resume.
+_CONTENT_OPTIONS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_quality", "number_sample_per_shard",
+                    "disallowed_header_directives", "min_image_size")
+_TIMING_KEYS = ("duration", "start_time", "end_time")
+_TAR_FORMAT = "gnu-sorted-v1"  # bump when normalise_tar's output changes: finished shards are re-normalised
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """The `download` section of params.yaml (img2dataset options keep img2dataset's names)."""
+
+    url_list: str = param("data/synth/train/urls.parquet", help="url list file or folder (tsv, csv or parquet)")
+    input_format: str = param("", choices=("", "tsv", "csv", "parquet"), help="'' = infer from the suffix")
+    url_col: str = param("url", help="url column name (CC3M/CC12M files: 'url')")
+    caption_col: str = param("caption", help="caption column name (CC3M/CC12M files: 'caption')")
+    serve_dir: str = param("data/synth/train/images",
+                           help="serve this folder on the loopback host:port of the urls while downloading; '' = "
+                                "real internet url list, no server")
+    output_dir: str = param("data/shards", help="published deterministic shards (the DVC output)")
+    work_dir: str = param("data/download_work", help="img2dataset's raw output, kept for resuming (not a DVC output)")
+    image_size: int = param(512, ge=8, help="img2dataset image_size (reference: 512)")
+    resize_mode: str = param("keep_ratio", choices=("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"))
+    resize_only_if_bigger: bool = param(True, help="reference: True (never upscale)")
+    encode_quality: int = param(95, ge=1, le=100)
+    min_image_size: int = param(0, ge=0)
+    number_sample_per_shard: int = param(10000, ge=1)
+    processes_count: int = param(2, ge=1, help="img2dataset processes (one per core)")
+    thread_count: int = param(32, ge=1, help="download threads per process")
+    retries: int = param(0, ge=0)
+    timeout: int = param(10, ge=1, help="seconds per request")
+    max_shard_retry: int = param(1, ge=0, help="img2dataset retries of a failed shard within one run")
+    distributor: str = param("multiprocessing", choices=("multiprocessing", "pyspark", "ray"),
+                             help="pyspark/ray: run on an existing cluster (see README)")
+    disallowed_header_directives: tuple[str, ...] = param(("noai", "noimageai", "noindex", "noimageindex"),
+                                                          help="X-Robots-Tag opt-outs honoured (img2dataset default)")
+
+
+def _sha256_table(table: pa.Table) -> str:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_work_dir(cfg: DownloadConfig, table: pa.Table) -> tuple[Path, dict[str, Any]]:
+    """Write `input.parquet` and the state; wipe `raw/` when inputs or content options changed. Returns the state."""
+    work = Path(cfg.work_dir)
+    options = {k: v for k, v in to_dict(cfg).items() if k in _CONTENT_OPTIONS}
+    fingerprint = hashlib.sha256((_sha256_table(table) + json.dumps(options, sort_keys=True)).encode()).hexdigest()
+    state_file = work / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state.get("fingerprint") != fingerprint:
+        if (work / "raw").exists():
+            log.info("url list or image options changed since the last download: starting %s afresh", work / "raw")
+            shutil.rmtree(work / "raw")
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = work / ".input.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, work / "input.parquet")
+        state = {"fingerprint": fingerprint, "rows": table.num_rows, "normalised": []}
+        _write_json(state_file, state)
+    return state_file, state
+
+
+def finished_shards(raw: Path) -> set[int]:
+    """Shard ids img2dataset has finished: it writes `NNNNN_stats.json` only after closing the tar and parquet."""
+    return {int(p.name.split("_")[0]) for p in raw.glob("*_stats.json")} if raw.is_dir() else set()
+
+
+def img2dataset_command(cfg: DownloadConfig, input_parquet: Path, raw: Path) -> list[str]:
+    """The img2dataset CLI call (fire syntax: lists as JSON)."""
+    args = {
+        "url_list": str(input_parquet), "input_format": "parquet", "url_col": "url", "caption_col": "caption",
+        "output_folder": str(raw), "output_format": "webdataset", "incremental_mode": "incremental",
+        "image_size": cfg.image_size, "resize_mode": cfg.resize_mode,
+        "resize_only_if_bigger": cfg.resize_only_if_bigger,
+        "encode_quality": cfg.encode_quality, "min_image_size": cfg.min_image_size,
+        "number_sample_per_shard": cfg.number_sample_per_shard, "processes_count": cfg.processes_count,
+        "thread_count": cfg.thread_count, "retries": cfg.retries, "timeout": cfg.timeout,
+        "max_shard_retry": cfg.max_shard_retry, "distributor": cfg.distributor, "enable_wandb": False,
+        "disallowed_header_directives": json.dumps(list(cfg.disallowed_header_directives)),
+    }
+    # `-c` rather than `-m img2dataset.main` (runpy warns that the module is imported twice)
+    cmd = [sys.executable, "-c", "import sys; from img2dataset.main import main; sys.exit(main())"]
+    for k, v in args.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
+
+
+def run_img2dataset(cmd: list[str], log_file: Path) -> None:
+    """Run img2dataset, its output appended to `log_file`; on any interruption stop it before re-raising."""
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1",
+               no_proxy=",".join(filter(None, [os.environ.get("no_proxy", ""), "127.0.0.1,localhost"])))
+    with open(log_file, "ab") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            rc = proc.wait()
+        except BaseException:
+            # img2dataset's own SIGINT handler stops its logger; its pool workers exit when their queue closes.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if rc != 0:
+        tail = log_file.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"img2dataset exited with {rc}; last lines of {log_file}:\n" + "\n".join(tail))
+
+
+def _tar_members_fast(buf: memoryview) -> list[tuple[bytes, int, int]] | None:
+    """(name, data offset, size) of each regular member; None when the archive needs tarfile (long names, links).
+
+    pax extended headers are skipped when they carry only attributes we rewrite anyway (img2dataset's
+    webdataset writer emits one per member for its float mtime).
+    """
+    members, off = [], 0
+    while off + 512 <= len(buf):
+        header = bytes(buf[off:off + 512])
+        if header == _ZERO_BLOCK:
+            break
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        kind = header[156:157]
+        if kind == b"x":
+            pax = bytes(buf[off + 512:off + 512 + size])
+            if any(f" {k}=".encode() in pax for k in ("path", "size", "linkpath")):
+                return None
+        elif kind not in (b"0", b"\0") or header[345:346] != b"\0":
+            return None  # anything but a plain file with a short name: let tarfile handle it
+        else:
+            members.append((header[:100].rstrip(b"\0"), off + 512, size))
+        off += 512 + -(-size // 512) * 512
+    return members
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _ustar_header(name: bytes, size: int) -> bytes:
+    """The header `tarfile` writes in GNU format for a file with mode 0444, uid/gid 0, mtime 0, no user names."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108], h[108:116], h[116:124] = b"0000444\0", b"0000000\0", b"0000000\0"
+    h[124:136], h[136:148], h[148:156] = b"%011o\0" % size, b"00000000000\0", b" " * 8
+    h[156:157], h[257:265] = b"0", b"ustar  \0"  # GNU magic: the format webdataset's TarWriter writes
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def normalise_tar(path: Path, fast: bool = True) -> None:
+    """Rewrite a tar with members sorted by (key, extension) and fixed metadata, atomically (idempotent).
+
+    `fast` parses and writes the (plain) headers directly: Python's tarfile spends ~1 ms per member on headers,
+    hours for CC3M; the output bytes are identical to the tarfile path (tested), which remains the fallback.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        members = _tar_members_fast(view) if fast else None
+        if members is not None and all(len(n) <= 100 for n, _, _ in members):
+            members.sort(key=lambda m: m[0].partition(b".")[::2])
+            with open(tmp, "wb") as out:
+                written = 0
+                for name, off, size in members:
+                    out.write(_ustar_header(name, size))
+                    out.write(view[off:off + size])
+                    pad = -size % 512
+                    out.write(bytes(pad))
+                    written += 512 + size + pad
+                out.write(bytes(1024))  # end-of-archive blocks, then padding to tarfile's 10240-byte records
+                out.write(bytes(-(written + 1024) % tarfile.RECORDSIZE))
+            view.release()
+            os.replace(tmp, path)
+            return
+        view.release()
+    items: list[tuple[str, bytes]] = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.isfile():
+                items.append((m.name, tar.extractfile(m).read()))  # type: ignore[union-attr]
+    items.sort(key=lambda item: item[0].partition(".")[::2])
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def _normalised_stats(stats_file: Path) -> dict[str, Any]:
+    stats = json.loads(stats_file.read_text())
+    for k in _TIMING_KEYS:
+        stats.pop(k, None)
+    return stats
+
+
+def publish(raw: Path, output_dir: Path, stems: list[str]) -> None:
+    """Rebuild `output_dir` from the finished shards: hard links to the canonical tars, sorted metadata."""
+    staging = output_dir.with_name(f".{output_dir.name}.staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for stem in stems:
+        tar = raw / f"{stem}.tar"
+        try:
+            os.link(tar, staging / tar.name)
+        except OSError:  # another file system: copy
+            shutil.copyfile(tar, staging / tar.name)
+        table = pq.read_table(raw / f"{stem}.parquet")
+        table = table.sort_by("key")
+        pq.write_table(table, staging / f"{stem}.parquet")
+        _write_json(staging / f"{stem}_stats.json", _normalised_stats(raw / f"{stem}_stats.json"))
+    old = output_dir.with_name(f".{output_dir.name}.old")
+    if output_dir.exists():
+        os.replace(output_dir, old)
+    os.replace(staging, output_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _width(raw: Path) -> int:
+    """Digits in img2dataset's shard names (oom_shard_count, 5 by default)."""
+    names = [p.name.split("_")[0] for p in raw.glob("*_stats.json")]
+    return len(names[0]) if names else 5
+
+
+def summarize(output_dir: Path) -> dict[str, Any]:
+    """Success rate and failures by reason over all published shards."""
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    reasons: dict[str, int] = {}
+    for f in sorted(output_dir.glob("*_stats.json")):
+        stats = json.loads(f.read_text())
+        for k in totals:
+            totals[k] += int(stats.get(k, 0))
+        for reason, n in stats.get("status_dict", {}).items():
+            if reason != "success":
+                reasons[reason] = reasons.get(reason, 0) + int(n)
+    return {**totals, "success_rate": totals["successes"] / max(totals["count"], 1),
+            "failures_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+def download(cfg: DownloadConfig) -> dict[str, Any]:
+    """Run the whole download: validate the url list, serve local images if asked, img2dataset, normalise, publish.
+
+    Returns:
+        metrics: counts, `success_rate`, `failures_by_reason`; `shards_fetched`, `shards_reused` of this run;
+        `seconds`, `images_per_s` of the last run that fetched shards (its successes per second of img2dataset).
+
+    Raises:
+        DataError: bad url list (missing column, empty, non-loopback urls with `serve_dir`), missing serve_dir, or
+            shards img2dataset did not finish.
+    """
+    table = read_url_list(cfg.url_list, cfg.input_format, cfg.url_col, cfg.caption_col)
+    if cfg.serve_dir and not Path(cfg.serve_dir).is_dir():
+        raise DataError(f"download.serve_dir: {cfg.serve_dir} is not a folder (set it to '' for internet url lists)")
+    state_file, state = prepare_work_dir(cfg, table)
+    work, raw, output_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "raw", Path(cfg.output_dir)
+    expected = math.ceil(table.num_rows / cfg.number_sample_per_shard)
+    before = finished_shards(raw)
+    seconds = 0.0
+    if len(before) < expected:
+        cmd = img2dataset_command(cfg, work / "input.parquet", raw)
+        log.info("img2dataset: %d rows -> %d shards (%d already finished)", table.num_rows, expected, len(before))
+        start = time.perf_counter()
+        if cfg.serve_dir:
+            host, port = loopback_address(table.column("url"), cfg.url_list)
+            with LoopbackImageServer(cfg.serve_dir, host, port):
+                run_img2dataset(cmd, work / "img2dataset.log")
+        else:
+            run_img2dataset(cmd, work / "img2dataset.log")
+        seconds = time.perf_counter() - start
+    after = finished_shards(raw)
+    missing = sorted(set(range(expected)) - after)
+    if missing:
+        raise DataError(f"{raw}: img2dataset did not finish shards {missing[:10]} (see {work / 'img2dataset.log'}); "
+                        f"rerun to resume")
+    normalised = set(state["normalised"]) if state.get("tar_format") == _TAR_FORMAT else set()
+    state["tar_format"] = _TAR_FORMAT
+    width = _width(raw)
+    for sid in sorted(after - normalised):
+        normalise_tar(raw / f"{sid:0{width}d}.tar")
+        normalised.add(sid)
+        state["normalised"] = sorted(normalised)
+        _write_json(state_file, state)
+    publish(raw, output_dir, [f"{sid:0{width}d}" for sid in sorted(after)])
+    metrics = summarize(output_dir)
+    new_successes = sum(json.loads((raw / f"{sid:0{width}d}_stats.json").read_text())["successes"]
+                        for sid in after - before)
+    if after - before:  # remembered, so a rerun that fetches nothing still reports the download's throughput
+        state["throughput"] = {"seconds": round(seconds, 3), "images": new_successes,
+                               "images_per_s": round(new_successes / seconds, 2) if seconds else 0.0}
+        _write_json(state_file, state)
+    last = state.get("throughput", {"seconds": 0.0, "images_per_s": 0.0})
+    metrics.update(shards=len(after), shards_fetched=len(after - before), shards_reused=len(before),
+                   seconds=last["seconds"], images_per_s=last["images_per_s"])
+    return metrics

@@ -1,0 +1,261 @@
+"""The training loader: webdataset shards + noun sidecars -> (pixels, tokens) batches, equal per rank (torchrun).
+
+Pipeline per rank and worker (a `wds.DataPipeline` in a `wds.WebLoader`):
+
+    ShardStream     endless shard stream: pass p of epoch e is a permutation seeded by (seed, e, p), identical on
+                    every rank; slot (rank, worker) takes every (world * workers)-th shard of it, so within a pass
+                    the ranks read disjoint shards, and no worker is ever without shards
+    tar -> samples  `wds.tarfile_to_samples` (corrupt tars: counted and skipped)
+    shuffle         sample buffer seeded by (seed, rank, worker, epoch)
+    transform       decode, augment, look up the sample's words in its shard's sidecar, K prompts (skips counted)
+    batch           `wds.batched(partial=False)`, then caption + prompts tokenised together: tokens [B, 1+K, L]
+    with_epoch      exactly `num_batches = num_samples // (batch_size * world_size)` batches per rank per epoch
+
+Endless resampled streams cut by `with_epoch` are what keeps DDP from hanging: every rank yields the same number of
+batches whatever the shard sizes (webdataset #188, #225, #250). Rank and world size are arguments, not read from the
+environment. Corrupt or undecodable samples never crash training: they are skipped, counted per process and logged
+(`skipped_samples()`); a missing shard or sidecar, or a sample missing from its sidecar, is a `DataError`.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from groupvit.config import param
+from groupvit.data import augment
+from groupvit.data.nouns import list_shards, load_sidecar, sidecar_for
+from groupvit.data.prompts import prompted_texts
+from groupvit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` section of params.yaml: what the training loader reads and how it augments."""
+
+    shards_dir: str = param("data/shards", help="webdataset shards (download stage output)")
+    nouns_dir: str = param("data/nouns", help="noun sidecars (nouns stage output)")
+    image_size: int = param(224, ge=8, help="training crop size; must match the model's image size")
+    multi_label: int = param(3, ge=0, help="K prompted nouns per image (reference 3; 0 = caption only)")
+    shuffle_buffer: int = param(10000, ge=0, help="sample shuffle buffer per worker (0 = no shuffling)")
+    num_workers: int = param(2, ge=0, help="loader worker processes per rank")
+    crop_scale: tuple[float, ...] = param((0.08, 1.0), gt=0, le=1, help="RandomResizedCrop area fraction")
+    crop_ratio: tuple[float, ...] = param((0.75, 4 / 3), gt=0, help="RandomResizedCrop aspect ratio range")
+    hflip: float = param(0.5, ge=0, le=1, help="horizontal flip probability")
+    rand_augment: bool = param(False, help="RandAugment (reference: on, 'rand-m9-mstd0.5-inc1')")
+    rand_augment_ops: int = param(2, ge=1)
+    rand_augment_magnitude: float = param(9.0, ge=0, le=10)
+    rand_augment_mstd: float = param(0.5, ge=0)
+    random_erasing: float = param(0.0, ge=0, le=1, help="random erasing probability (reference 0.25)")
+
+    def __post_init__(self) -> None:
+        for name in ("crop_scale", "crop_ratio"):
+            value = getattr(self, name)
+            if len(value) != 2 or value[0] > value[1]:
+                raise ValueError(f"{name}: expected [min, max] with min <= max, found {list(value)}")
+
+
+# ---- skipped samples: counted per process (each loader worker is one), never a crash ----
+_SKIPPED = collections.Counter()
+
+
+def skipped_samples() -> dict[str, int]:
+    """Samples skipped in this process so far, by exception type (loader workers count their own and log them)."""
+    return dict(_SKIPPED)
+
+
+def skip_and_count(exn: Exception) -> bool:
+    """webdataset handler: count and log a bad sample or tar, keep going; configuration errors stop the run."""
+    if isinstance(exn, (DataError, ConfigError)):
+        raise exn
+    _SKIPPED[type(exn).__name__] += 1
+    total = sum(_SKIPPED.values())
+    if total <= 5 or total % 100 == 0:
+        worker = torch.utils.data.get_worker_info()
+        log.warning("skipped a bad sample (%s: %s); %d skipped so far in loader worker %s", type(exn).__name__,
+                    str(exn)[:200], total, worker.id if worker else "main")
+    return True
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless stream of `{"url": shard}` for one (rank, worker) slot; see the module docstring."""
+
+    def __init__(self, shards: list[str], seed: int, rank: int, world_size: int):
+        super().__init__()
+        self.shards, self.seed, self.rank, self.world_size = shards, seed, rank, world_size
+        self.epoch = -1  # advanced by each iteration (loader workers are persistent, so it survives epochs)
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        self.epoch += 1  # now, not at the first next(): the shuffle stage seeds itself from it
+        return self._stream(self.epoch)
+
+    def _stream(self, epoch: int) -> Iterator[dict[str, str]]:
+        worker, num_workers = _worker()
+        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        position, n_pass = 0, 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch, n_pass]).permutation(len(self.shards))
+            for i in order:
+                if position % num_slots == slot:
+                    yield {"url": self.shards[i]}
+                position += 1
+            n_pass += 1
+
+
+def _shuffle(samples: Iterator[dict], bufsize: int, seed: int, rank: int, stream: ShardStream) -> Iterator[dict]:
+    if bufsize < 2:
+        yield from samples
+        return
+    rng = np.random.default_rng([seed, rank, _worker()[0], stream.epoch, 1])
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        i = int(rng.integers(bufsize))
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)  # type: ignore[arg-type]
+    yield from buf
+
+
+class SampleTransform:
+    """Sample dict -> (pixels [3, S, S], texts [1+K]); sidecars loaded when a shard is first seen (small LRU)."""
+
+    def __init__(self, cfg: DataConfig, nouns_dir: str | None, seed: int, rank: int, cache: int = 16):
+        self.cfg, self.nouns_dir, self.seed, self.rank, self.cache = cfg, nouns_dir, seed, rank, cache
+        self._sidecars: collections.OrderedDict[str, dict[str, list[str]]] = collections.OrderedDict()
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:  # created in the worker process: one independent stream per (seed, rank, worker)
+            self._rng = np.random.default_rng([self.seed, self.rank, _worker()[0], 2])
+        return self._rng
+
+    def words(self, url: str, key: str) -> list[str]:
+        if url not in self._sidecars:
+            self._sidecars[url] = load_sidecar(sidecar_for(url, self.nouns_dir))  # type: ignore[arg-type]
+            if len(self._sidecars) > self.cache:
+                self._sidecars.popitem(last=False)
+        sidecar = self._sidecars[url]
+        if key not in sidecar:
+            raise DataError(f"{sidecar_for(url, self.nouns_dir)}: no entry for sample {key!r} of {url}; the sidecars "
+                            f"are stale, rerun `groupvit nouns`")
+        return sidecar[key]
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        cfg, rng = self.cfg, self.rng
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if data is None:
+            raise ValueError(f"sample {sample.get('__key__')} of {sample.get('__url__')} has no image "
+                             f"(members: {sorted(k for k in sample if not k.startswith('__'))})")
+        with Image.open(io.BytesIO(data)) as im:
+            img = im.convert("RGB")  # decodes fully: truncated or corrupt bytes raise here and are counted
+        caption = sample.get("txt", b"").decode("utf-8", errors="replace")
+        img = augment.random_resized_crop(img, cfg.image_size, rng, cfg.crop_scale, cfg.crop_ratio)
+        if rng.random() < cfg.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if cfg.rand_augment:
+            img = augment.rand_augment(img, rng, cfg.rand_augment_ops, cfg.rand_augment_magnitude,
+                                       cfg.rand_augment_mstd)
+        x = augment.to_normalised_tensor(img)  # [3, S, S]
+        if cfg.random_erasing > 0:
+            x = augment.random_erasing(x, rng, cfg.random_erasing)
+        words = self.words(sample["__url__"], sample["__key__"]) if cfg.multi_label else []
+        return x, prompted_texts(caption, words, cfg.multi_label, rng)
+
+
+def collate(samples: list[tuple[torch.Tensor, list[str]]], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack pixels [B, 3, S, S]; tokenise all B * (1+K) texts at once -> [B, 1+K, L]."""
+    from groupvit.tokenizer import tokenize
+
+    pixels = torch.stack([x for x, _ in samples])
+    texts = [t for _, ts in samples for t in ts]
+    tokens = tokenize(texts, context_length=context_length)  # [B * (1+K), L]
+    return pixels, tokens.view(len(samples), -1, context_length)
+
+
+def count_samples(shards: list[Path], nouns_dir: str | None) -> int:
+    """Samples in the shards: from the sidecars (one entry per sample), else from img2dataset's stats."""
+    import json
+
+    total = 0
+    for tar in shards:
+        if nouns_dir is not None:
+            total += len(load_sidecar(sidecar_for(tar, nouns_dir)))
+        else:
+            stats = tar.with_name(f"{tar.stem}_stats.json")
+            if not stats.is_file():
+                raise DataError(f"{stats}: stats file missing; cannot count the samples of {tar.name}")
+            total += int(json.loads(stats.read_text())["successes"])
+    return total
+
+
+def make_train_loader(shards_dir: str | Path, nouns_dir: str | Path | None, cfg: DataConfig, *, batch_size: int,
+                      rank: int, world_size: int, seed: int, context_length: int = 77
+                      ) -> tuple[wds.WebLoader, int, int]:
+    """Build the training loader of one rank.
+
+    Args:
+        shards_dir: folder of `NNNNN.tar` webdataset shards.
+        nouns_dir: folder of `NNNNN.json` sidecars (may be None when `cfg.multi_label == 0`).
+        cfg: loader and augmentation settings.
+        batch_size: per-rank batch size.
+        rank, world_size: this process's rank and the number of ranks (explicit, not read from the environment).
+        seed: base seed (shard order is shared by all ranks; shuffling and augmentation differ per rank and worker).
+        context_length: token length L.
+
+    Returns:
+        `(loader, num_batches, num_samples)`: each iteration of `loader` is one epoch of exactly `num_batches`
+        batches `(pixels [B, 3, S, S] float32, tokens [B, 1+K, L] int64)`, on every rank.
+
+    Raises:
+        DataError: no shards, a missing shard or sidecar, or fewer samples than one global batch.
+    """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in [0, {world_size})")
+    if cfg.multi_label and nouns_dir is None:
+        raise ConfigError("data.multi_label > 0 needs the noun sidecars (nouns_dir)")
+    shards = list_shards(shards_dir)
+    nouns = str(nouns_dir) if nouns_dir is not None else None
+    if nouns is not None:
+        for tar in shards:  # fail now, naming the file, rather than inside a loader worker
+            if not sidecar_for(tar, nouns).is_file():
+                raise DataError(f"{sidecar_for(tar, nouns)}: noun sidecar missing for shard {tar} "
+                                f"(run `groupvit nouns`)")
+    num_samples = count_samples(shards, nouns)
+    num_batches = num_samples // (batch_size * world_size)
+    if num_batches < 1:
+        raise DataError(f"{shards_dir}: {num_samples} samples are fewer than one global batch "
+                        f"({batch_size} x {world_size} ranks)")
+    stream = ShardStream([str(t) for t in shards], seed, rank, world_size)
+    pipeline = wds.DataPipeline(
+        stream,
+        wds.tarfile_to_samples(handler=skip_and_count),
+        functools.partial(_shuffle, bufsize=cfg.shuffle_buffer, seed=seed, rank=rank, stream=stream),
+        wds.map(SampleTransform(cfg, nouns, seed, rank), handler=skip_and_count),
+        wds.batched(batch_size, collation_fn=functools.partial(collate, context_length=context_length),
+                    partial=False),
+    )
+    workers = cfg.num_workers
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                           pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+    return loader.with_epoch(num_batches), num_batches, num_samples

@@ -1,0 +1,72 @@
+"""`groupvit download`: url list -> deterministic webdataset shards with img2dataset (resumable).
+
+DVC stage (for dvc.yaml; after `synth`):
+    cmd:     groupvit download
+    deps:    data/synth/train/urls.parquet, data/synth/train/images (the `download.url_list` / `download.serve_dir`
+             defaults), groupvit/data/download.py, groupvit/data/urllist.py, groupvit/data/server.py,
+             pipelines/stages/download.py
+    params:  download (whole section)
+    outs:    data/shards   (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json, resolved_config.yaml)
+    metrics: metrics/download.json (cache: false)
+Not an output: `download.work_dir` (data/download_work), img2dataset's raw output kept so a killed run resumes
+without refetching finished shards; add it to .gitignore (everything under data/ is).
+
+Metrics are printed, written to metrics/download.json and, when a tracking URI is set (`tracking.uri` or
+MLFLOW_TRACKING_URI), logged to MLflow as a `download` run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from groupvit.config import flat_dict, load_section, save_resolved
+from groupvit.data.download import DownloadConfig, download
+from pipelines.common import load, run_stage, stage_parser
+
+METRICS = Path("metrics/download.json")
+
+
+def log_to_mlflow(params_file: str, overrides: list[str], cfg: DownloadConfig, metrics: dict) -> bool:
+    """Log a `download` run only when a tracking URI is set: a download is not an experiment by default."""
+    from pipelines.tracking import TrackingConfig, start_run
+
+    tracking = load_section(TrackingConfig, params_file, "tracking", overrides, required=False)
+    if not (tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        return False
+    import mlflow
+
+    with start_run(tracking, "download", tags={"stage": "download"}, log_system_metrics=False):
+        mlflow.log_params(flat_dict(cfg, "download."))
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_dict(metrics, "download_metrics.json")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("download", "url list -> webdataset shards with img2dataset (resumable, deterministic)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        cfg = load(DownloadConfig, args, "download")
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (DVC/Prefect cancellation) unwinds like Ctrl-C: img2dataset and the image server are stopped.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        metrics = download(cfg)
+        save_resolved(Path(cfg.output_dir) / "resolved_config.yaml", download=cfg)
+        METRICS.parent.mkdir(parents=True, exist_ok=True)
+        tmp = METRICS.with_name(f".{METRICS.name}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, METRICS)
+        reasons = ", ".join(f"{n} x {r}" for r, n in metrics["failures_by_reason"].items()) or "none"
+        print(f"download: {metrics['successes']}/{metrics['count']} images ({metrics['success_rate']:.1%}) in "
+              f"{metrics['shards']} shards ({metrics['shards_fetched']} fetched, {metrics['shards_reused']} reused), "
+              f"{metrics['images_per_s']} images/s; failures: {reasons}")
+        if log_to_mlflow(args.params, args.overrides, cfg, metrics):
+            print("download: metrics logged to MLflow")
+        return 0
+
+    return run_stage(body)
