@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export NO_ALBUMENTATIONS_UPDATE := 1
 export no_proxy := 127.0.0.1,localhost
 
-.PHONY: install repro test lock serve ui ui-check bench clean-venv
+.PHONY: install repro test lock serve ui ui-check ablate bench clean-venv
 
 install:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
@@ -41,6 +41,7 @@ repro: install
 	@[ -d .dvc ] || $(BIN)/dvc init -q
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 	@PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc metrics show
+	@$(BIN)/python -m pipelines.report
 
 test: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
@@ -56,3 +57,33 @@ lock:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- Orchestration: Prefect schedule, MLflow UI, ablations, UI screenshots (README "Retrain on a schedule") ---------
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+# The project's own Prefect home (server database, logs), unless the caller points elsewhere.
+PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_HOME
+TRACKING_URI = $(shell $(BIN)/python -c 'from groupvit.config import load_section; from pipelines.tracking import \
+	TrackingConfig, resolve_uri; print(resolve_uri(load_section(TrackingConfig, "params.yaml", "tracking", required=False)))')
+
+# Serve the `retrain` deployment on the cron schedule of params `prefect:` (and `ablation` on demand). Uses
+# $$PREFECT_API_URL when set (a shared server), else starts a local server on 127.0.0.1:$(PREFECT_PORT). Ctrl-C stops.
+serve: install
+	@[ -d .git ] && [ -d .dvc ] || { echo "serve: run make repro first (needs the git + DVC repository)"; exit 2; }
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pipelines.serve --port $(PREFECT_PORT)
+
+# The MLflow UI over the project's tracking store (params `tracking.uri`, else $$MLFLOW_TRACKING_URI, else mlflow.db).
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The ablation grid of params `ablate:` as MLflow child runs (needs the pipeline's data: make repro first).
+ablate: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/groupvit ablate
+
+# Open both UIs in headless Chromium (Debian's package), check what they show, save docs/*.png.
+ui-check: install
+	@command -v chromium >/dev/null || { echo "ui-check: installing Debian's chromium"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pipelines.ui_check --prefect-port $(PREFECT_PORT)

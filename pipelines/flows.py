@@ -1,0 +1,236 @@
+"""Prefect flows over the DVC pipeline: one flow per stage, `retrain` chaining them, and `ablation`.
+
+DVC owns the DAG, the caching and the record of versions (`dvc.lock`); Prefect schedules, retries, logs and reports.
+Each stage is a task that runs `dvc repro <stage>` in a subprocess (never cached by Prefect: DVC decides what is
+stale), streams its output into the Prefect logs and publishes the stage's metrics as an artifact. A file lock around
+the workspace makes overlapping runs wait (or fail clearly after `prefect.lock_timeout_seconds`).
+
+    .venv/bin/python -m pipelines.flows retrain          # one retrain now, against a temporary local Prefect server
+    .venv/bin/python -m pipelines.serve                   # the scheduled deployment (see README)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# Without PREFECT_API_URL a flow run starts a temporary local server; its 20 s default is short on a busy 2-core box.
+# Prefect reads its settings when imported, hence before the import.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger, task  # noqa: E402 (after the setting above)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from groupvit.config import load_section
+from pipelines import ablation as ablation_lib
+from pipelines.promotion import Decision, promote_if_better
+from pipelines.tracking import TrackingConfig, resolve_uri
+from pipelines.workspace import (OrchestrationConfig, load_dvc_yaml, read_metric, run_streaming,
+                                 stage_metrics, tool_env, workspace_lock)
+
+
+class StageFailed(RuntimeError):
+    """`dvc repro <stage>` exited non-zero; the message ends with the stage's last output lines."""
+
+
+def _key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "-".join(parts).lower().replace("_", "-")
+
+
+def _config(workdir: Path, params_file: str) -> OrchestrationConfig:
+    return load_section(OrchestrationConfig, workdir / params_file, "prefect", required=False)
+
+
+def _markdown_table(rows: dict[str, Any]) -> str:
+    if not rows:
+        return "_no metrics declared for this stage_\n"
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="dvc-repro", task_run_name="dvc repro {stage}", cache_policy=NO_CACHE)
+def repro_stage(stage: str, workdir: str) -> dict[str, Any]:
+    """Run `dvc repro <stage>` (DVC reruns it only when its deps or params changed) and publish its metrics."""
+    logger = get_run_logger()
+    ran = False
+
+    def log(line: str) -> None:
+        nonlocal ran
+        ran = ran or line.startswith(f"Running stage '{stage}'")
+        logger.info(line)
+
+    result = run_streaming([sys.executable, "-m", "dvc", "repro", stage], workdir, log)
+    if result.returncode != 0:
+        raise StageFailed(f"stage {stage!r}: `dvc repro {stage}` exited with {result.returncode} in {workdir}; "
+                          f"last output:\n{result.tail}")
+    metrics = stage_metrics(workdir, stage)
+    verb = f"ran in {result.seconds:.1f} s" if ran else "was up to date (DVC skipped it)"
+    create_markdown_artifact(key=_key("stage", stage), markdown=f"## `{stage}` {verb}\n\n{_markdown_table(metrics)}",
+                             description=f"DVC stage {stage}: metrics after this run")
+    logger.info("stage %s %s; %d metrics", stage, verb, len(metrics))
+    return {"stage": stage, "ran": ran, "seconds": round(result.seconds, 2), "metrics": metrics}
+
+
+def _trained_model(workdir: Path) -> tuple[str, str]:
+    """(registered model name, version) that the train stage wrote beside the model."""
+    path = workdir / "data/model/mlflow.json"
+    if not path.is_file():
+        raise StageFailed(f"{path} not found: the train stage records the registered model version there")
+    info = json.loads(path.read_text())
+    try:
+        return str(info["name"]), str(info["version"])
+    except KeyError as e:
+        raise StageFailed(f"{path}: missing key {e} (expected the registered model's name and version)") from None
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(workdir: str, params_file: str, cfg: OrchestrationConfig) -> dict[str, Any]:
+    """Move the `champion` alias to the new model version only when its mIoU beats the champion's."""
+    import mlflow
+
+    logger = get_run_logger()
+    wd = Path(workdir)
+    tracking = load_section(TrackingConfig, wd / params_file, "tracking", required=False)
+    if not tracking.registered_model:
+        logger.info("tracking.registered_model is empty: nothing registered, nothing to promote")
+        return {"promoted": False, "reason": "no registered model (tracking.registered_model is empty)"}
+    model, version = _trained_model(wd)
+    miou = read_metric(wd, cfg.promote_metric)
+    client = mlflow.MlflowClient(resolve_uri(tracking, root=wd))
+    decision: Decision = promote_if_better(client, model, version, miou, cfg.champion_alias)
+    logger.info(decision.reason)
+    create_markdown_artifact(key="promotion", markdown=f"## Promotion\n\n{decision.reason}\n",
+                             description=f"{model}@{cfg.champion_alias}: {'promoted' if decision.promoted else 'kept'}")
+    return decision.as_dict()
+
+
+@task(name="git-commit", cache_policy=NO_CACHE)
+def commit_versions(workdir: str, message: str) -> str:
+    """Record the new versions in git: dvc.lock and the metrics (the data itself stays in the DVC cache)."""
+    paths = [p for p in ("dvc.lock", "metrics") if (Path(workdir) / p).exists()]
+    subprocess.run(["git", "add", "--", *paths], cwd=workdir, check=True, env=tool_env())
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=workdir, env=tool_env())
+    if staged.returncode == 0:
+        return "nothing to commit"
+    subprocess.run(["git", "-c", "user.name=groupvit-retrain", "-c", "user.email=groupvit@localhost", "commit", "-qm",
+                    message], cwd=workdir, check=True, env=tool_env())
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True, text=True).stdout.strip()
+
+
+def _stage_task(cfg: OrchestrationConfig):
+    """The stage task with the retry policy of params `prefect:`."""
+    return repro_stage.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
+
+
+def _workspace(workdir: Path, cfg: OrchestrationConfig):
+    """Hold the DVC workspace for this flow run; waiting is logged, giving up fails the run with WorkspaceBusy."""
+    return workspace_lock(workdir, cfg.lock_timeout_seconds, on_wait=get_run_logger().warning,
+                          owner=f"(flow run {flow_run.name})")
+
+
+def _stage_flow(stage: str, workdir: str, params_file: str) -> dict[str, Any]:
+    wd = Path(workdir).resolve()
+    cfg = _config(wd, params_file)
+    with _workspace(wd, cfg):
+        return _stage_task(cfg)(stage, str(wd))
+
+
+@flow(name="synth", log_prints=True)
+def synth(workdir: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
+    """DVC stage `synth`: the embedded synthetic captioned-scene world."""
+    return _stage_flow("synth", workdir, params_file)
+
+
+@flow(name="download", log_prints=True)
+def download(workdir: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
+    """DVC stage `download`: url list -> webdataset shards with img2dataset."""
+    return _stage_flow("download", workdir, params_file)
+
+
+@flow(name="nouns", log_prints=True)
+def nouns(workdir: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
+    """DVC stage `nouns`: spaCy candidate words per sample."""
+    return _stage_flow("nouns", workdir, params_file)
+
+
+@flow(name="train", log_prints=True)
+def train(workdir: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
+    """DVC stage `train`: GroupViT training (torchrun when more than one process)."""
+    return _stage_flow("train", workdir, params_file)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(workdir: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
+    """DVC stage `evaluate`: zero-shot segmentation mIoU."""
+    return _stage_flow("evaluate", workdir, params_file)
+
+
+def pipeline_stages(workdir: Path) -> list[str]:
+    """The stages `retrain` runs, in dvc.yaml order (synth, download, nouns, train, train_baseline, evaluate)."""
+    return list(load_dvc_yaml(workdir)["stages"])
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(workdir: str = ".", params_file: str = "params.yaml", promote_model: bool = True) -> dict[str, Any]:
+    """Rebuild the pipeline stage by stage with DVC, then promote the model if it beats the champion.
+
+    Args:
+        workdir: the DVC repository (a git checkout of this project).
+        params_file: params file inside `workdir`.
+        promote_model: compare with the MLflow `champion` and move the alias when the new model is better.
+    """
+    wd = Path(workdir).resolve()
+    cfg = _config(wd, params_file)
+    with _workspace(wd, cfg):
+        reports = [_stage_task(cfg)(stage, str(wd)) for stage in pipeline_stages(wd)]
+        # Promotion runs only after every stage succeeded: a failed stage raises above and nothing is promoted.
+        decision = promote(str(wd), params_file, cfg) if promote_model else None
+        commit = commit_versions(str(wd), f"retrain {flow_run.name}: dvc.lock and metrics") if cfg.commit else None
+    rows = [{"stage": r["stage"], "ran": r["ran"], "seconds": r["seconds"], "metric": k, "value": v}
+            for r in reports for k, v in (r["metrics"] or {"-": None}).items()]
+    create_table_artifact(key="retrain-metrics", table=rows, description="dvc metrics after this retrain, per stage")
+    summary = "\n".join(f"- `{r['stage']}`: {'ran' if r['ran'] else 'up to date'} ({r['seconds']} s)" for r in reports)
+    verdict = decision["reason"] if decision else "promotion disabled for this run"
+    create_markdown_artifact(key="retrain-summary", markdown=f"## Retrain\n\n{summary}\n\n**Model:** {verdict}\n",
+                             description="stages run and the promotion decision")
+    return {"stages": reports, "promotion": decision, "commit": commit}
+
+
+@task(name="ablation-variant", task_run_name="variant {variant.name}", cache_policy=NO_CACHE)
+def run_variant(runner: ablation_lib.AblationRunner, variant: ablation_lib.Variant) -> dict[str, Any]:
+    """Train and evaluate one ablation variant into its own folder, logged as an MLflow child run."""
+    logger = get_run_logger()
+    result = runner.run_variant(variant, on_line=logger.info)
+    create_markdown_artifact(key=_key("ablation", variant.name), markdown=ablation_lib.markdown_table([result]),
+                             description=f"ablation variant {variant.name}")
+    return result
+
+
+@flow(name="ablation", log_prints=True)
+def ablation(workdir: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
+    """The paper's ablation grid (`ablate:` in params.yaml): one MLflow parent run, one child run per variant."""
+    wd = Path(workdir).resolve()
+    cfg = _config(wd, params_file)
+    with _workspace(wd, cfg):
+        with ablation_lib.AblationRunner.open(wd, params_file) as runner:
+            results = [run_variant(runner, v) for v in runner.variants]
+            summary = runner.finish(results)
+    create_markdown_artifact(key="ablation-summary", markdown=summary["markdown"],
+                             description=f"MLflow parent run {summary['parent_run_id']}")
+    return summary
+
+
+FLOWS = {f.name: f for f in (synth, download, nouns, train, evaluate, retrain, ablation)}
+
+if __name__ == "__main__":
+    name = sys.argv[1] if len(sys.argv) > 1 else "retrain"
+    if name not in FLOWS:
+        sys.exit(f"usage: python -m pipelines.flows [{'|'.join(FLOWS)}] [workdir]")
+    FLOWS[name](workdir=sys.argv[2] if len(sys.argv) > 2 else ".")
