@@ -1,0 +1,37 @@
+"""AdamW with the reference decay exemptions and linearly scaled learning rates."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
+    """The reference exempts 1-D parameters (norm weights) and biases only.
+
+    Positional embeddings, group tokens, the token embedding and the 0-dim logit scales *are* decayed
+    (groupvit.md section 7): decided explicitly for parity, unlike nanoGPT-style "decay only >= 2-D".
+    """
+    return param.ndim == 1 or name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed and exempt (trainable parameters only), in a stable parameter order."""
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (exempt if is_decay_exempt(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": exempt, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW(0.9, 0.999, eps 1e-8) as in the reference; fused kernels when every parameter is on CUDA.
+
+    Args:
+        model: the (unwrapped) model.
+        lr: the already scaled learning rate (the schedule overwrites it every step).
+        weight_decay: decay of the non-exempt group.
+    """
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             fused=fused or None)

@@ -1,0 +1,196 @@
+"""MLflow helpers shared by every stage (entrypoint side only: `groupvit/` never imports MLflow).
+
+The tracking URI comes from params (`tracking.uri`), else `MLFLOW_TRACKING_URI`, else a sqlite database in the
+project (`sqlite:///<project root>/mlflow.db`, artifacts in `<project root>/mlartifacts`). A server that cannot be
+reached fails *before* any work with a message naming the URI, instead of after an hour of training.
+
+    cfg = load(TrackingConfig, args, "tracking")
+    with start_run(cfg, "train", tags={"git_commit": git_commit()}) as run:
+        mlflow.log_metric("loss", 1.0, step=0)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+from urllib.parse import urlparse
+
+import yaml
+
+from groupvit.config import param
+from groupvit.errors import ConfigError
+
+# Set before mlflow is imported anywhere in the process: no network calls from a tracking library.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """The `tracking` section of params.yaml."""
+
+    uri: str = param("", help="tracking URI; '' -> $MLFLOW_TRACKING_URI -> sqlite:///<project root>/mlflow.db")
+    experiment: str = param("groupvit", help="MLflow experiment name")
+    registered_model: str = param("groupvit", help="model registry name of the trained model ('' = do not register)")
+    system_metrics: bool = param(True, help="log CPU/GPU/memory system metrics during training")
+
+
+def resolve_uri(cfg: TrackingConfig, root: str | os.PathLike[str] | None = None) -> str:
+    """The tracking URI to use: params, then `MLFLOW_TRACKING_URI`, then the project's sqlite database.
+
+    Args:
+        cfg: the tracking config.
+        root: project root for the default database (default: the current directory, where DVC runs stages).
+    """
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(root or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file a `sqlite:///` or `file:` URI points to (None for servers)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):] if uri.startswith("sqlite:////") else uri[len("sqlite://"):])
+    parsed = urlparse(uri)
+    if parsed.scheme in ("file", ""):
+        return Path(parsed.path or uri)
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with a clear ConfigError when the tracking store cannot be used.
+
+    http(s): the server must answer `GET /health` (or the experiments API) within `timeout` seconds.
+    sqlite/file: the directory that holds the store must exist (or be creatable) and be writable.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        errors = []
+        for path in ("/health", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"):
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + path, timeout=timeout) as resp:
+                    if resp.status < 500:
+                        return
+                    errors.append(f"{path}: HTTP {resp.status}")
+            except urllib.error.HTTPError as e:  # 404 on /health from a proxy still means "something answers"
+                if e.code < 500 and path != "/health":
+                    return
+                errors.append(f"{path}: HTTP {e.code}")
+            except (urllib.error.URLError, OSError) as e:
+                errors.append(f"{path}: {getattr(e, 'reason', e)}")
+        raise ConfigError(f"tracking.uri: MLflow tracking server {uri} is not reachable ({'; '.join(errors)}); "
+                          "start it (mlflow server --host 127.0.0.1 --port 5000 ...) or set tracking.uri / "
+                          "MLFLOW_TRACKING_URI to a reachable server or a sqlite:/// database")
+    path = _local_path(uri)
+    if path is None:  # databricks, postgres, ...: let MLflow report its own errors
+        return
+    folder = path.parent if scheme == "sqlite" else path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"tracking.uri: cannot create the folder {folder} for {uri} ({e})") from None
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"tracking.uri: folder {folder} of {uri} is not writable")
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a local database (`<db folder>/mlartifacts`), the server's default otherwise."""
+    path = _local_path(uri)
+    if urlparse(uri).scheme != "sqlite" or path is None:
+        return None
+    return (path.parent / "mlartifacts").resolve().as_uri()
+
+
+def setup(cfg: TrackingConfig, root: str | os.PathLike[str] | None = None) -> str:
+    """Check the store, point MLflow at it and create/select the experiment; returns the resolved URI."""
+    import mlflow
+
+    uri = resolve_uri(cfg, root)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        try:
+            mlflow.create_experiment(cfg.experiment, artifact_location=_artifact_location(uri))
+        except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+            if mlflow.get_experiment_by_name(cfg.experiment) is None:
+                raise
+    mlflow.set_experiment(cfg.experiment)
+    return uri
+
+
+@contextlib.contextmanager
+def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str] | None = None, nested: bool = False,
+              root: str | os.PathLike[str] | None = None, log_system_metrics: bool | None = None) -> Iterator[Any]:
+    """`with start_run(cfg, "train") as run:` an MLflow run in the configured store and experiment.
+
+    The run ends FAILED when the body raises, FINISHED otherwise (MLflow's own context-manager behaviour).
+    """
+    import mlflow
+
+    setup(cfg, root)
+    system = cfg.system_metrics if log_system_metrics is None else log_system_metrics
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {}), log_system_metrics=system) as run:
+        yield run
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
+    """The current git commit (with `-dirty` when the tree has uncommitted changes); '' outside a repository."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def dvc_data_hashes(paths: Iterable[str], lock_file: str | os.PathLike[str] = "dvc.lock") -> dict[str, str]:
+    """`{path: md5}` of the given data paths as recorded in dvc.lock (outs of earlier stages); {} without a lock.
+
+    Tag names are `dvc.<path>` in MLflow, so a run says exactly which version of the data it saw.
+    """
+    lock = Path(lock_file)
+    if not lock.is_file():
+        return {}
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) or {}
+    except yaml.YAMLError:
+        return {}
+    wanted = {str(Path(p)).rstrip("/") for p in paths}
+    found: dict[str, str] = {}
+    for stage in stages.values():
+        for entry in (stage.get("outs") or []) + (stage.get("deps") or []):
+            path = str(Path(entry.get("path", ""))).rstrip("/")
+            digest = entry.get("md5") or ""  # "hash" holds the algorithm name, not the digest
+            if path in wanted and digest and path not in found:
+                found[path] = str(digest)
+    return found
+
+
+def register_model(name: str, run_id: str, artifact_path: str = "model") -> str:
+    """Register the run's `artifact_path` folder (safetensors + config.json) as a new version of model `name`.
+
+    Uses the registry's low-level API because the folder holds plain files, not an MLflow-flavoured model; the
+    version's source is the run's artifact folder, so `models:/<name>/<version>` downloads exactly those files.
+
+    Returns:
+        The new version number, as a string.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="GroupViT weights (model.safetensors + config.json)")
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    return str(client.create_model_version(name, source=source, run_id=run_id).version)
