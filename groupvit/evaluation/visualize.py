@@ -1,0 +1,106 @@
+"""Pictures of zero-shot segmentation: image, prediction with a class legend, ground truth, groups of each stage."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from groupvit.evaluation.datasets import IGNORE_INDEX  # noqa: E402
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """[n, 3] uint8 colours of the PASCAL VOC colour map (bits of the class index spread over R, G, B)."""
+    pal = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def group_palette(n: int, seed: int = 0) -> np.ndarray:
+    """[n, 3] distinct-looking random colours for group indices."""
+    return np.random.default_rng(seed).integers(40, 256, size=(n, 3), dtype=np.uint8)
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """[H, W] indices -> [H, W, 3] uint8; IGNORE_INDEX is white."""
+    out = palette[np.clip(labels, 0, len(palette) - 1)]
+    out[labels == IGNORE_INDEX] = 255
+    return out
+
+
+def blend(image: np.ndarray, colours: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    return (image * (1 - opacity) + colours * opacity).astype(np.uint8)
+
+
+def _legend(ax: plt.Axes, labels: np.ndarray, class_names: Sequence[str], palette: np.ndarray) -> None:
+    present = [int(c) for c in np.unique(labels) if c != IGNORE_INDEX and c < len(class_names)]
+    handles = [Patch(color=palette[c] / 255.0, label=class_names[c]) for c in present]
+    if handles:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, ncol=2,
+                  frameon=False)
+
+
+def segmentation_figure(image: torch.Tensor, pred: torch.Tensor, class_names: Sequence[str],
+                        target: torch.Tensor | None = None, stage_groups: Sequence[torch.Tensor] = (),
+                        title: str = "") -> bytes:
+    """A PNG: the image, the prediction overlaid with a legend of predicted classes, the ground truth (when given)
+    and the groups of each stage overlaid on the image.
+
+    Args:
+        image: uint8 [3, H, W].
+        pred: [H, W] class indices (0 = background).
+        class_names: names including background.
+        target: [H, W] ground truth or None.
+        stage_groups: [H, W] group index per stage.
+        title: figure title.
+    """
+    img = image.permute(1, 2, 0).numpy()
+    pal = voc_palette()
+    panels: list[tuple[str, np.ndarray, np.ndarray | None]] = [("image", img, None)]
+    p = pred.numpy()
+    panels.append(("prediction", blend(img, colorize(p, pal)), p))
+    if target is not None:
+        t = target.numpy()
+        panels.append(("ground truth", blend(img, colorize(t, pal)), t))
+    for i, g in enumerate(stage_groups):
+        gn = g.numpy()
+        panels.append((f"stage {i + 1} groups ({len(np.unique(gn))} used)",
+                       blend(img, colorize(gn, group_palette(int(gn.max()) + 1, seed=i))), None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.4), squeeze=False)
+    for ax, (name, picture, labels) in zip(axes[0], panels):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+        if labels is not None:
+            _legend(ax, labels, class_names, pal)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write bytes atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
