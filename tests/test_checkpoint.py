@@ -1,0 +1,287 @@
+"""Checkpoint layouts: official `.pth` and Hugging Face folders round-trip through `groupvit convert` unchanged, key
+accounting is strict (names the tensor and both shapes), the documented leftovers load, nothing is unpickled."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import groupvit
+from groupvit.checkpoint import convert, export_hf, export_official, keymap, save_pretrained
+from groupvit.checkpoint.configs import config_from_hf, config_to_dict, config_to_hf
+from groupvit.errors import DataError
+from groupvit.model.config import ModelConfig
+from groupvit.model.groupvit import GroupViT
+from groupvit.model.vision import resize_pos_embed
+from pipelines import cli
+
+# A small vocabulary and context keep model construction fast; the names and shapes logic is the same.
+CFG = ModelConfig(preset="tiny", vocab_size=1000, context_length=16)
+ARCH_FIELDS = ("image_size", "patch_size", "embed_dim", "depths", "num_heads", "num_group_tokens",
+               "num_output_groups", "mlp_ratio", "text_width", "text_layers", "text_heads", "context_length",
+               "vocab_size", "output_dim", "proj_hidden_dim", "multi_label")
+
+
+def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    return all(getattr(a, f) == getattr(b, f) for f in ARCH_FIELDS)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GroupViT(CFG)
+    with torch.no_grad():  # distinct BatchNorm statistics and logit scales, so that carrying them is tested
+        m.img_projector.linear_hidden[1].running_mean.normal_()
+        m.text_projector.linear_hidden[1].running_var.uniform_(0.5, 2)
+        m.img_projector.linear_hidden[1].num_batches_tracked.fill_(7)
+        m.logit_scale.fill_(3.1)
+        m.multi_label_logit_scale.fill_(2.2)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def official(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("official") / "released.pth"
+    export_official(model, path)
+    return path
+
+
+def official_state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_official_layout_written(model, official):
+    state = official_state(official)
+    assert state["img_projector.linear_out.weight"].shape == (CFG.output_dim, CFG.proj_hidden_dim, 1)  # Conv1d
+    assert state["img_encoder.layers.0.blocks.0.attn.qkv.weight"].shape == (3 * CFG.embed_dim, CFG.embed_dim)
+    assert "text_encoder.transformer.resblocks.0.attn.in_proj_weight" in state
+    assert sorted(state) == sorted(model.state_dict())
+
+
+@pytest.mark.parametrize("source", ["official", "hf", "groupvit"])
+def test_load_pretrained_every_layout(model, official, tmp_path, source):
+    path = {"official": official, "hf": tmp_path / "hf", "groupvit": tmp_path / "ours"}[source]
+    if source == "hf":
+        export_hf(model, path)
+    elif source == "groupvit":
+        save_pretrained(model, path)
+    loaded = groupvit.load_pretrained(path)
+    assert not loaded.training and same_architecture(loaded.cfg, CFG)
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+    pixels, tokens = torch.randn(2, 3, 64, 64), torch.randint(1, 998, (2, 16))
+    tokens[:, 9] = 999  # the largest id marks the pooled (EOT) position
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels))
+        torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens))
+
+
+def test_official_round_trip_through_hf_cli(official, tmp_path):
+    hf_dir, back = tmp_path / "hf", tmp_path / "back.pth"
+    assert cli.main(["convert", str(official), str(hf_dir), "--to", "hf"]) == 0
+    assert cli.main(["convert", str(hf_dir), str(back)]) == 0  # .pth -> official layout by default
+    assert_same_tensors(official_state(back), official_state(official))
+    ours, again = tmp_path / "ours", tmp_path / "again.pth"
+    assert cli.main(["convert", str(official), str(ours)]) == 0  # a folder -> our layout by default
+    assert cli.main(["convert", str(ours), str(again)]) == 0
+    assert_same_tensors(official_state(again), official_state(official))
+
+
+def test_hf_round_trip_and_transformers_loads_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.GroupViTConfig.from_dict(config_to_hf(CFG))
+    hf = transformers.GroupViTModel(hf_cfg)
+    hf.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    assert_same_tensors(load_file(tmp_path / "hf2" / "model.safetensors"), original)
+    _, info = transformers.GroupViTModel.from_pretrained(tmp_path / "hf2", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_hf_config_round_trip():
+    cfg = config_from_hf(config_to_hf(CFG, multi_label_logit_scale=2.0), "config.json")
+    assert same_architecture(cfg, CFG)
+    assert math.isclose(cfg.contrast_temperature, CFG.contrast_temperature)
+
+
+def test_key_map_is_a_bijection(model):
+    state = model.state_dict()
+    hf = keymap.ours_to_hf(state)
+    assert len(hf) == len(state) - 1 + 2 * 2 * (sum(CFG.depths) + CFG.text_layers)  # minus ML scale; +2 per fused w, b
+    back, unexpected, missing = keymap.hf_to_ours(hf)
+    assert not unexpected and not missing
+    assert_same_tensors(back, {k: v for k, v in state.items() if k != "multi_label_logit_scale"})
+    assert keymap.hf_names("img_encoder.layers.1.blocks.0.attn.qkv.bias") == [
+        f"vision_model.encoder.stages.1.layers.0.self_attn.{x}_proj.bias" for x in "qkv"]
+    assert keymap.hf_names("text_projector.linear_out.weight") == ["text_projection.3.weight"]
+
+
+def test_missing_unexpected_and_misshaped_are_named(model, official, tmp_path):
+    state = official_state(official)
+    del state["img_encoder.layers.0.downsample.assign.k_proj.weight"]
+    state["img_encoder.extra.weight"] = torch.zeros(3)
+    state["text_encoder.ln_final.weight"] = torch.zeros(7)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(DataError) as e:
+        groupvit.load_pretrained(tmp_path / "bad.pth", config=CFG)
+    msg = str(e.value)
+    assert "img_encoder.layers.0.downsample.assign.k_proj.weight" in msg and "img_encoder.extra.weight" in msg
+    assert "text_encoder.ln_final.weight: checkpoint [7] vs model [128]" in msg
+
+
+def test_other_architecture_names_first_mismatch(official):
+    other = ModelConfig(preset="tiny", vocab_size=1000, context_length=16, embed_dim=64, num_heads=(2, 2, 2))
+    with pytest.raises(DataError, match=r"mis-shaped: img_encoder\.pos_embed: checkpoint \[1, 64, 128\] vs model "
+                                        r"\[1, 64, 64\]; img_encoder\.patch_embed\.proj\.weight"):
+        groupvit.load_pretrained(official, config=other)
+
+
+def test_hf_incomplete_qkv_names_the_hf_tensor(model, tmp_path):
+    export_hf(model, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    del state["text_model.encoder.layers.1.self_attn.k_proj.bias"]
+    state["text_model.embeddings.position_ids"] = torch.arange(16)[None]  # documented leftover: ignored
+    from safetensors.torch import save_file
+    save_file(state, weights)
+    with pytest.raises(DataError, match=r"\(1 missing, 0 unexpected, 0 mis-shaped tensors\)\n"
+                                        r"  missing: text_model\.encoder\.layers\.1\.self_attn\.k_proj\.bias$"):
+        groupvit.load_pretrained(tmp_path / "hf")
+
+
+def test_leftovers_multi_label_scale_and_position_ids(model, official, tmp_path):
+    state = official_state(official)
+    del state["multi_label_logit_scale"]  # the RedCaps release has none
+    torch.save({"model": state}, tmp_path / "redcaps.pth")
+    inferred = groupvit.load_pretrained(tmp_path / "redcaps.pth")  # no config: inferred from shapes
+    assert inferred.multi_label_logit_scale is None and not inferred.cfg.multi_label
+    configured = groupvit.load_pretrained(tmp_path / "redcaps.pth", config=CFG)
+    assert configured.multi_label_logit_scale is not None  # keeps its initial value
+    assert torch.equal(configured.logit_scale, model.logit_scale)
+    no_ml = ModelConfig(preset="tiny", vocab_size=1000, context_length=16, multi_label=False)
+    assert groupvit.load_pretrained(official, config=no_ml).multi_label_logit_scale is None  # dropped
+
+
+def test_architecture_inferred_from_shapes(tmp_path):
+    cfg = ModelConfig(preset="tiny", vocab_size=1000, context_length=16, num_heads=(2, 2, 2), text_heads=2)
+    torch.save({"model": keymap.ours_to_official(GroupViT(cfg).state_dict())}, tmp_path / "bare.pth")  # no config
+    assert same_architecture(groupvit.load_pretrained(tmp_path / "bare.pth").cfg, cfg)
+
+
+def test_pos_embed_of_another_grid_is_resized(model, official):
+    small = ModelConfig(preset="tiny", vocab_size=1000, context_length=16, image_size=32)  # grid 4x4, not 8x8
+    loaded = groupvit.load_pretrained(official, config=small)
+    expected = resize_pos_embed(model.img_encoder.pos_embed.detach(), (8, 8), (4, 4))
+    assert torch.equal(loaded.img_encoder.pos_embed.detach(), expected)
+
+
+class TrainConfig:
+    """Stands for the reference's OmegaConf config pickled beside the weights; unpickling it would run code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __setstate__(self, state):
+        open(state["marker"], "w").close()
+
+
+class Exploit:
+    """A pickle that runs a shell command when a plain `torch.load` unpickles it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_foreign_objects_are_never_unpickled(model, tmp_path):
+    marker = tmp_path / "ran"
+    state = keymap.ours_to_official(model.state_dict())
+    torch.save({"model": state, "config": TrainConfig(marker), "epoch": 30, "metrics": {"acc": 0.4}},
+               tmp_path / "train.pth")
+    loaded = groupvit.load_pretrained(tmp_path / "train.pth", config=CFG)  # the weights load, the object is inert
+    assert not marker.exists()
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+    torch.save({"model": state, "config": Exploit(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(DataError, match="refused"):
+        groupvit.load_pretrained(tmp_path / "evil.pth", config=CFG)
+    assert not marker.exists()
+
+
+def test_reference_training_checkpoint_with_omegaconf_config(model, tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")  # how NVlabs/GroupViT saves: config, optimizer, metrics, epoch
+    cfg = omegaconf.OmegaConf.create({"model": {"img_encoder": {"embed_dim": 128, "depths": [2, 2, 1]}}})
+    state = keymap.ours_to_official(model.state_dict())
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "config": cfg,
+                "epoch": 29, "metrics": {"max_accuracy": 43.7}}, tmp_path / "ckpt_epoch_29.pth")
+    loaded = groupvit.load_pretrained(tmp_path / "ckpt_epoch_29.pth", config=CFG)
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(DataError, match="not a readable PyTorch checkpoint"):
+        groupvit.load_pretrained(tmp_path / "notes.pth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        groupvit.load_pretrained(tmp_path / "empty")
+    torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    assert cli.main(["convert", str(tmp_path / "foreign.pth"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "img_encoder" in err and "foo.weight" in err
+
+
+def test_failed_conversion_keeps_the_previous_output(model, official, tmp_path):
+    dst = tmp_path / "ours"
+    save_pretrained(model, dst)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    state = official_state(official)
+    del state["logit_scale"]
+    torch.save({"model": state}, tmp_path / "broken.pth")
+    with pytest.raises(DataError, match="logit_scale"):
+        convert(tmp_path / "broken.pth", dst, config=CFG)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth", "ours"]  # no temporary left behind
+    assert json.loads((dst / "config.json").read_text())["embed_dim"] == CFG.embed_dim
+
+
+def test_documented_key_map_matches_the_code():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "checkpoints.md").read_text()
+    for ours, hf in keymap.RULES:
+        assert f"| `{ours}` | `{hf}` |" in doc, ours
+
+
+def test_reads_the_trainers_model_folder_and_prefixed_keys(model, tmp_path):
+    from groupvit.training.checkpointing import save_model
+
+    save_model(tmp_path / "model", model.state_dict(), config_to_dict(CFG))  # what `groupvit train` writes
+    assert_same_tensors(groupvit.load_pretrained(tmp_path / "model").state_dict(), model.state_dict())
+    ddp = {f"module.{k}": v for k, v in keymap.ours_to_official(model.state_dict()).items()}
+    torch.save({"model": ddp}, tmp_path / "ddp.pth")
+    assert_same_tensors(groupvit.load_pretrained(tmp_path / "ddp.pth", config=CFG).state_dict(), model.state_dict())
+
+
+def test_cli_architecture_options(tmp_path):
+    torch.manual_seed(0)
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": keymap.ours_to_official(GroupViT(CFG).state_dict())}, bare)  # 4 heads; shapes say 128/64
+    (tmp_path / "cfg.json").write_text(json.dumps(config_to_dict(CFG)))
+    assert cli.main(["convert", str(bare), str(tmp_path / "guessed")]) == 0
+    assert json.loads((tmp_path / "guessed" / "config.json").read_text())["num_heads"] == [2, 2, 2]
+    assert cli.main(["convert", str(bare), str(tmp_path / "given"), "--config", str(tmp_path / "cfg.json")]) == 0
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["num_heads"] == [4, 4, 4]
+    (tmp_path / "bad.json").write_text(json.dumps({"embed_dims": 3}))
+    assert cli.main(["convert", str(bare), str(tmp_path / "x"), "--config", str(tmp_path / "bad.json")]) == 2
