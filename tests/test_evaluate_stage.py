@@ -160,7 +160,8 @@ def test_segment_demo_writes_overlay(tmp_path, world, models, capsys):
 def test_tiny_trained_model_beats_all_background(tmp_path):
     """Train a tiny one-stage GroupViT for 100 steps with the project's loop and loss on an easy synthetic world
     (one object of two categories, captions that name object and background), then evaluate it with the stage and
-    the reference algorithm (threshold tuned on the split: about 41 mIoU against 28 for all-background, measured).
+    the reference algorithm (threshold tuned on the split: 41.6-44.1 mIoU over model seeds 0-2 against 27.8 for
+    all-background, measured; lr 1e-2 collapsed the text tower to all-background, so the rate is 5e-3).
     """
     from groupvit import tokenize
     from groupvit.losses import GroupViTLoss
@@ -191,7 +192,7 @@ def test_tiny_trained_model_beats_all_background(tmp_path):
 
     torch.manual_seed(0)
     model = GroupViT(cfg)
-    train = TrainConfig(steps=100, batch_size=32, lr=1e-2, lr_base_batch=32, warmup_steps=5, min_lr=1e-5,
+    train = TrainConfig(steps=100, batch_size=32, lr=5e-3, lr_base_batch=32, warmup_steps=5, min_lr=1e-5,
                         precision="fp32", log_every=50, resume=False)
     fit(model, GroupViTLoss(multi_label=False), batches, cfg=train, steps_per_epoch=len(scenes) // 32,
         info=DistInfo(), device=torch.device("cpu"), seed=0, progress=False)
