@@ -182,8 +182,11 @@ def test_serve_registers_the_cron_deployment_and_keeps_it_scheduled(prefect_api,
     repo = make_toy_repo(tmp_path / "repo", toy_params(prefect={"cron": "15 4 * * 2", "timezone": "Europe/Paris",
                                                                  "deployment": "nightly"}), stages=("synth",))
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    # Output goes to a file, not a pipe: nobody drains a pipe while we poll the API, and a full pipe blocks the
+    # runner's logging so it can never finish shutting down after SIGINT.
+    log = tmp_path / "serve.log"
     serve = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--no-server", "--params",
-                              str(repo / "params.yaml")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              str(repo / "params.yaml")], cwd=ROOT, env=env, stdout=log.open("w"),
                              stderr=subprocess.STDOUT, text=True)
     try:
         deployment = ablation = None
@@ -195,14 +198,24 @@ def test_serve_registers_the_cron_deployment_and_keeps_it_scheduled(prefect_api,
                     ablation = client.read_deployment_by_name("ablation/groupvit-ablation")
                 except Exception:  # noqa: BLE001 (not registered yet)
                     time.sleep(1)
-            assert ablation is not None, serve.stdout.read() if serve.poll() is not None else "serve timed out"
+            assert ablation is not None, log.read_text() if serve.poll() is not None else "serve timed out"
             (schedule,) = client.read_deployment_schedules(deployment.id)
             assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
                 "15 4 * * 2", "Europe/Paris", True)
             assert deployment.parameters == {"workdir": str(repo.resolve()), "params_file": "params.yaml"}
             assert ablation.parameters["workdir"] == str(repo.resolve()) and not ablation.schedules
             serve.send_signal(signal.SIGINT)
-            serve.wait(timeout=60)
+            try:
+                serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                # Seen once in a full-suite run on 2 cores: Prefect's runner ignored the first SIGINT for over 60 s
+                # (cause not found; never reproduced alone). What matters here is the schedule after the runner
+                # stops, so stop it the way a process manager would, and say so if even that fails.
+                serve.send_signal(signal.SIGTERM)
+                try:
+                    serve.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(f"serve ignored SIGINT and SIGTERM:\n{log.read_text()[-3000:]}") from None
             # pause_on_shutdown=False: stopping the runner keeps the schedule (and its upcoming runs) active.
             (schedule,) = client.read_deployment_schedules(deployment.id)
             assert schedule.active
