@@ -60,7 +60,11 @@ class GroupViTLoss(nn.Module):
         loss_itc = contrastive_loss(image, text, logit_scale, rank, gather)
         if self.multi_label and prompts is not None and prompts.shape[1] > 0:
             scale = logit_scale if ml_logit_scale is None else ml_logit_scale
-            loss_ml = multi_label_loss(image, prompts, scale, rank, gather)
+            groups = outputs.get("groups")
+            if groups is not None:
+                loss_ml = multi_label_group_loss(groups, prompts, scale, rank, gather)
+            else:
+                loss_ml = multi_label_loss(image, prompts, scale, rank, gather)
             loss = loss_itc + self.multi_label_weight * loss_ml
         else:
             loss_ml = torch.zeros((), dtype=loss_itc.dtype, device=loss_itc.device)
@@ -108,5 +112,25 @@ def multi_label_loss(image: torch.Tensor, prompts: torch.Tensor, scale: torch.Te
     own = (torch.arange(b, device=image.device)[:, None] + b * rank) * k + torch.arange(k, device=image.device)
     loss_img = -logits_img.log_softmax(dim=-1).gather(1, own).mean(dim=1).mean()
     labels_txt = (torch.arange(b, device=image.device) + b * rank).repeat_interleave(k)  # prompt (b, j) -> image b
+    loss_txt = F.cross_entropy(logits_txt, labels_txt)
+    return 0.5 * (loss_img + loss_txt)
+
+
+def multi_label_group_loss(groups: torch.Tensor, prompts: torch.Tensor, scale: torch.Tensor, rank: int = 0,
+                           gather: AllGather = lambda x: x) -> torch.Tensor:
+    """`multi_label_loss` with an image's similarity to a prompt taken as the max over its groups [B, G, D].
+
+    A departure from the reference (`model.multi_label_match: group`): a noun must be matched by one segment of
+    the image rather than by the pooled embedding, so segments, the unit zero-shot segmentation names, are
+    trained to carry their own class. Image rows and prompt rows as in `multi_label_loss`.
+    """
+    b, k, _ = prompts.shape
+    prompts = prompts.reshape(b * k, -1)
+    all_prompts, all_groups = _full(gather(prompts)), _full(gather(groups))
+    logits_img = scale * torch.einsum("bgd,nd->bgn", _full(groups), all_prompts).amax(dim=1)  # [B, W*B*K]
+    logits_txt = scale * torch.einsum("nd,bgd->nbg", _full(prompts), all_groups).amax(dim=2)  # [B*K, W*B]
+    own = (torch.arange(b, device=groups.device)[:, None] + b * rank) * k + torch.arange(k, device=groups.device)
+    loss_img = -logits_img.log_softmax(dim=-1).gather(1, own).mean(dim=1).mean()
+    labels_txt = (torch.arange(b, device=groups.device) + b * rank).repeat_interleave(k)
     loss_txt = F.cross_entropy(logits_txt, labels_txt)
     return 0.5 * (loss_img + loss_txt)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from groupvit.losses import GroupViTLoss, contrastive_loss, multi_label_loss
+from groupvit.losses import GroupViTLoss, contrastive_loss, multi_label_group_loss, multi_label_loss
 from groupvit.model import GroupViT, ModelConfig
 
 
@@ -79,6 +79,54 @@ def test_total_is_itc_plus_weighted_multi_label_and_uses_the_multi_label_scale()
     torch.testing.assert_close(out["loss_itc"], contrastive_loss(f["image"], f["text"], s))
     torch.testing.assert_close(out["loss_ml"], multi_label_loss(f["image"], f["prompts"], s_ml))
     torch.testing.assert_close(out["loss"], out["loss_itc"] + 0.5 * out["loss_ml"])
+
+
+def test_group_multi_label_loss_scores_an_image_by_its_best_group():
+    b, k, g, d = 3, 2, 4, 8
+    f = features(b, k, d, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    groups = F.normalize(torch.randn(b, g, d, generator=gen, dtype=torch.float64), dim=-1)
+    s = torch.tensor(6.0, dtype=torch.float64)
+    prompts = f["prompts"].reshape(b * k, d).tolist()
+    sim = [[max(sum(x * y for x, y in zip(groups[i, j].tolist(), p)) for j in range(g)) for p in prompts]
+           for i in range(b)]  # [B, B*K]: best group of image i for every prompt, written out
+    sim = torch.tensor(sim, dtype=torch.float64)
+    y_img, y_txt = reference_multi_label_targets(b, k, 0, 1)
+    soft_ce = lambda logits, y: (-(y * logits.log_softmax(-1)).sum(-1)).mean()  # noqa: E731
+    expected = 0.5 * (soft_ce(s * sim, y_img) + soft_ce(s * sim.t(), y_txt))
+    torch.testing.assert_close(multi_label_group_loss(groups, f["prompts"], s), expected)
+    # one group per image is the reference loss on the pooled embedding
+    torch.testing.assert_close(multi_label_group_loss(f["image"][:, None], f["prompts"], s),
+                               multi_label_loss(f["image"], f["prompts"], s))
+    # GroupViTLoss takes the group path exactly when the outputs carry groups
+    out = GroupViTLoss()({**f, "groups": groups}, s)
+    torch.testing.assert_close(out["loss_ml"], expected)
+
+
+@pytest.mark.parametrize("rank, world", [(1, 2), (0, 3)])
+def test_group_multi_label_loss_gathers_groups_of_every_rank(rank, world):
+    b, k, g, d = 2, 2, 3, 8
+    gen = torch.Generator().manual_seed(4)
+    ranks = [{"groups": F.normalize(torch.randn(b, g, d, generator=gen, dtype=torch.float64), dim=-1),
+              "prompts": F.normalize(torch.randn(b, k, d, generator=gen, dtype=torch.float64), dim=-1)}
+             for _ in range(world)]
+    mine = ranks[rank]
+
+    def gather(x):
+        key = "groups" if x.ndim == 3 else "prompts"
+        return torch.cat([o[key].reshape(-1, *x.shape[1:]) for o in ranks])
+
+    s = torch.tensor(5.0, dtype=torch.float64)
+    got = multi_label_group_loss(mine["groups"], mine["prompts"], s, rank, gather)
+    all_groups = torch.cat([o["groups"] for o in ranks])  # [W*B, G, D]
+    all_prompts = torch.cat([o["prompts"].reshape(b * k, d) for o in ranks])  # [W*B*K, D]
+    sim = torch.einsum("bgd,nd->bgn", all_groups, all_prompts).amax(1)  # [W*B, W*B*K]
+    rows = slice(rank * b, rank * b + b)
+    cols = slice(rank * b * k, rank * b * k + b * k)
+    y_img, y_txt = reference_multi_label_targets(b, k, rank, world)
+    soft_ce = lambda logits, y: (-(y * logits.log_softmax(-1)).sum(-1)).mean()  # noqa: E731
+    expected = 0.5 * (soft_ce(s * sim[rows], y_img) + soft_ce(s * sim[:, cols].t(), y_txt))
+    torch.testing.assert_close(got, expected)
 
 
 def test_logit_scale_is_clamped_at_100_and_the_multi_label_scale_is_separate():

@@ -142,6 +142,19 @@ def test_training_forward_shapes_norms_and_every_parameter_gets_a_gradient():
     assert missing == []
 
 
+def test_group_matching_returns_the_segments_that_segmentation_scores():
+    model = GroupViT(cfg(multi_label_match="group")).train()
+    out, loss, grads = train_step(model, pixels(4), tokens(4, k=3))
+    assert out["groups"].shape == (4, 2, 16) and torch.isfinite(loss)  # the test model ends with 2 segments
+    assert "img_encoder.layers.0.group_token" in grads  # the loss reaches the grouping through the segments
+    model.eval()  # BatchNorm on running statistics: each row is projected on its own
+    with torch.no_grad():
+        out, seg = model(pixels(2), tokens(2, k=2)), model.segmentation_outputs(pixels(2))
+    torch.testing.assert_close(out["image"], seg["image"])
+    torch.testing.assert_close(out["groups"], seg["groups"])
+    assert "groups" not in GroupViT(cfg()).eval()(pixels(2), tokens(2, k=2))  # reference: pooled only
+
+
 def test_captions_only_tokens_give_no_prompts_and_text_matches_encode_text():
     model = GroupViT(cfg()).eval()
     t = tokens(3)

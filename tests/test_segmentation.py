@@ -210,3 +210,23 @@ def test_group_maps_per_stage():
     maps = stage_group_maps(seg, torch.zeros(3, 4, 4, dtype=torch.uint8))
     assert len(maps) == 2
     assert torch.equal(maps[0], halves(0, 1)) and torch.equal(maps[1], halves(0, 1))
+
+
+def test_dataset_loop_counts_the_groups_each_image_uses():
+    from groupvit.evaluation.datasets import Sample
+    from groupvit.evaluation.runner import evaluate_segmentation
+
+    image, expected = two_colour_image()  # 24 x 40 px: 6 x 10 patches of the stand-in, each its own group
+
+    class TwoImages:
+        class_names, num_classes = ["background", "red", "green", "blue"], 4
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return Sample(str(i), image[0], expected[0])
+
+    run = evaluate_segmentation(colour_segmenter("whole"), TwoImages(), [0.3], batch_size=2)
+    assert run.groups_per_image == 60.0 and run.scores[0.3].miou > 0
+    assert evaluate_segmentation(colour_segmenter("slide"), TwoImages(), [0.3]).groups_per_image is None

@@ -39,6 +39,7 @@ class SegmentationRun:
     num_images: int
     seconds: float
     matrices: dict[float, ConfusionMatrix] = field(repr=False, default_factory=dict)
+    groups_per_image: float | None = None  # distinct groups owning at least one pixel, mean over images (collapse)
 
     def best_threshold(self) -> float:
         """The threshold with the highest mIoU (first one on ties)."""
@@ -63,7 +64,7 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
     n = dataset.num_classes
     matrices = {t: ConfusionMatrix(n) for t in thresholds}
     oracle_cm = ConfusionMatrix(n) if oracle and segmenter.settings.mode == "whole" else None
-    done, start = 0, time.perf_counter()
+    done, start, groups_used = 0, time.perf_counter(), 0
     for batch in batches(dataset, batch_size if segmenter.settings.mode == "whole" else 1, limit):
         images = torch.stack([s.image for s in batch])
         targets = torch.stack([s.mask for s in batch])
@@ -74,13 +75,15 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
             # one vote count for the batch: offset the group ids so that every image's groups stay its own
             offsets = torch.arange(len(batch)).view(-1, 1, 1) * (int(groups.max()) + 1)
             oracle_cm.update(oracle_labels(groups + offsets, targets, n), targets)
+            groups_used += sum(len(g.unique()) for g in groups)
         done += len(batch)
         if progress is not None:
             progress(done)
     seconds = time.perf_counter() - start
     names = dataset.class_names
     return SegmentationRun(thresholds, {t: m.result(names) for t, m in matrices.items()},
-                           oracle_cm.result(names) if oracle_cm is not None else None, done, seconds, matrices)
+                           oracle_cm.result(names) if oracle_cm is not None else None, done, seconds, matrices,
+                           groups_used / done if oracle_cm is not None and done else None)
 
 
 def classification_pixels(images: torch.Tensor, resize: int, crop: int, mean: Sequence[float],

@@ -73,6 +73,10 @@ class ModelConfig:
     contrast_temperature: float | None = param(None, gt=0, help="initial temperature; scale = min(1/T, 100)")
     multi_label: bool | None = param(None, help="own learnable scale for the multi-label loss "
                                                 "(false: no multi_label_logit_scale, as the RedCaps release)")
+    multi_label_match: str = param("image", choices=("image", "group"),
+                                   help="what a prompted noun is matched with in the multi-label loss: image = the "
+                                        "pooled image embedding (reference) | group = the image's best-matching "
+                                        "final group (departure, docs/evaluation.md)")
     # performance switches (same function, different speed/memory)
     attn_impl: str = param("auto", choices=("auto", "sdpa", "eager"),
                            help="fused scaled-dot-product attention, eager, or auto = SDPA except CPU training "

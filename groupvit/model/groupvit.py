@@ -85,9 +85,20 @@ class GroupViT(nn.Module):
             raise ValueError(f"tokens: expected [B, 1+K, L] with B = {pixels.shape[0]} images, found "
                              f"{list(tokens.shape)}")
         b, n, length = tokens.shape
-        image = F.normalize(self.encode_image(pixels), dim=-1)
+        groups = None
+        if self.cfg.multi_label_match == "group" and n > 1:
+            # One projector call over [pooled, groups] [B, 1+G, C]: the BatchNorm statistics then cover the group
+            # embeddings that zero-shot segmentation scores, not only the pooled ones.
+            x = self.img_encoder.forward_features(pixels)[0]  # [B, G, C]
+            both = F.normalize(self.img_projector(torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)), dim=-1)
+            image, groups = both[:, 0], both[:, 1:]
+        else:
+            image = F.normalize(self.encode_image(pixels), dim=-1)
         text = F.normalize(self.encode_text(tokens.reshape(b * n, length)), dim=-1).view(b, n, -1)
-        return {"image": image, "text": text[:, 0], "prompts": text[:, 1:] if n > 1 else None}
+        out = {"image": image, "text": text[:, 0], "prompts": text[:, 1:] if n > 1 else None}
+        if groups is not None:
+            out["groups"] = groups  # [B, G, D] L2-normalised final segments (patches for the plain ViT)
+        return out
 
     def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(min(exp(logit_scale), 100), same for the multi-label scale; the main one when there is none)."""

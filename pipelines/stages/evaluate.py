@@ -206,6 +206,7 @@ def run_segmentation(cfg: EvaluateConfig, models: list[LoadedModel], spec: Segme
                      images_per_s=round(run.num_images / max(run.seconds, 1e-9), 2), num_images=run.num_images)
         if run.oracle is not None:
             entry["oracle_miou"] = _finite(100 * run.oracle.miou)
+            entry["groups_per_image"] = _finite(run.groups_per_image)
         if spec.sweep:
             best = run.best_threshold()
             entry.update(best_bg_thresh=best, best_miou=_finite(100 * run.scores[best].miou),
