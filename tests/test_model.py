@@ -153,6 +153,9 @@ def test_group_matching_returns_the_segments_that_segmentation_scores():
     torch.testing.assert_close(out["image"], seg["image"])
     torch.testing.assert_close(out["groups"], seg["groups"])
     assert "groups" not in GroupViT(cfg()).eval()(pixels(2), tokens(2, k=2))  # reference: pooled only
+    plain = GroupViT(cfg(depths=(2,), num_heads=(2,), num_group_tokens=(0,), num_output_groups=(),
+                         multi_label_match="group")).eval()
+    assert plain(pixels(2), tokens(2, k=2))["groups"].shape == (2, 16, 16)  # the baseline's segments: 4x4 patches
 
 
 def test_captions_only_tokens_give_no_prompts_and_text_matches_encode_text():
