@@ -87,7 +87,8 @@ def plan(cfg: AblationConfig) -> list[Variant]:
     """The variants to run, baseline first.
 
     one_at_a_time: the baseline (first label of every axis), then each other label of each axis with the rest at
-    baseline. grid: the cartesian product of all axes.
+    baseline. grid: the cartesian product of all axes. Where overrides set the same key, a changed axis wins over
+    the baseline labels (so an axis that changes several keys at once, like a whole recipe, is applied as written).
     """
     axes = _axes(cfg)
     baseline = {axis: next(iter(values)) for axis, values in axes.items()}
@@ -99,7 +100,9 @@ def plan(cfg: AblationConfig) -> list[Variant]:
     for point in points:
         changed = [f"{axis}-{label}" for axis, label in point.items() if label != baseline[axis]]
         name = _slug("_".join(changed)) if changed else "baseline"
-        overrides = tuple(o for axis, label in point.items() for o in axes[axis][label])
+        kept = [o for axis, label in point.items() if label == baseline[axis] for o in axes[axis][label]]
+        overrides = tuple(kept + [o for axis, label in point.items() if label != baseline[axis]
+                                  for o in axes[axis][label]])
         variants.append(Variant(name, dict(point), overrides))
     return variants
 

@@ -34,6 +34,15 @@ def test_one_at_a_time_changes_one_axis_from_the_baseline():
     assert variants[3].overrides[-1] == "model.num_group_tokens=[16,0]"
 
 
+def test_a_changed_axis_wins_over_later_axes_baselines_on_shared_keys():
+    axes = {"method": {"ours": [], "reference": ["model.hard_assignment=true", "model.num_group_tokens=[16,4,0]"]},
+            "group_tokens": {"8": "model.num_group_tokens=[8,0]", "16": "model.num_group_tokens=[16,0]"}}
+    reference = plan(build(AblationConfig, {"axes": axes}, "params.yaml: ablate"))[1]
+    assert reference.name == "method-reference"
+    assert reference.overrides == ("model.num_group_tokens=[8,0]", "model.hard_assignment=true",
+                                   "model.num_group_tokens=[16,4,0]")  # applied in order: the recipe's value is last
+
+
 def test_grid_is_the_cartesian_product():
     variants = plan(config(mode="grid"))
     assert len(variants) == 8 and len({v.name for v in variants}) == 8

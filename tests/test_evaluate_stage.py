@@ -148,7 +148,18 @@ def test_segment_demo_writes_overlay(tmp_path, world, models, capsys):
     rc = segment.main([str(image), "--classes", "cat, dog,sky", "--model", str(models["groupvit"]), "--out", str(out),
                        "--params", str(params)])
     assert rc == 0 and Image.open(out).size[0] > 300
-    assert "demo.png:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "demo.png:" in printed and "(bg_thresh 0.95)" in printed  # no tuned threshold on record: VOC's
+    # with a tuned threshold on record for this model, the demo uses it
+    metrics = tmp_path / "metrics/evaluate.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps({"synth_val": {"groupvit": {"best_bg_thresh": 0.3}}}))
+    assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
+                         "--params", str(params)]) == 0
+    assert "(bg_thresh 0.3)" in capsys.readouterr().out
+    assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
+                         "--params", str(params), "--bg-thresh", "0.7"]) == 0
+    assert "(bg_thresh 0.7)" in capsys.readouterr().out
     assert segment.main([str(image), "--classes", " , ", "--model", str(models["groupvit"]),
                          "--params", str(params)]) == 2
     assert "expected a comma-separated list" in capsys.readouterr().err

@@ -2,12 +2,15 @@
 
 Writes the evaluation picture (image, prediction with a class legend, the groups of each stage) to `--out`. Prompt
 templates, top-k and the assignment mode come from the `evaluate` section of params.yaml; whole-image mode as the
-reference demo. Not a DVC stage.
+reference demo. The background threshold defaults to the one the evaluate stage tuned for this model (its
+`best_bg_thresh` in `evaluate.metrics_file`), else 0.95 (VOC). Not a DVC stage.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from groupvit.errors import DataError
 from pipelines.common import load, run_stage, stage_parser
@@ -24,13 +27,31 @@ def parse_classes(value: str) -> list[str]:
     return names
 
 
+def tuned_threshold(cfg: Any, model_dir: str) -> tuple[float, str] | None:
+    """(threshold, data set) the evaluate stage swept best for the model at `model_dir`, or None if it has none."""
+    names = [m.name for m in cfg.models if Path(m.path).resolve() == Path(model_dir).resolve()]
+    metrics_file = Path(cfg.metrics_file)
+    if not names or not metrics_file.is_file():
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{metrics_file}: not valid JSON (evaluate.metrics_file); pass --bg-thresh") from None
+    for spec in cfg.segmentation:
+        entry = metrics.get(spec.name, {}).get(names[0], {})
+        if spec.sweep and isinstance(entry, dict) and entry.get("best_bg_thresh") is not None:
+            return float(entry["best_bg_thresh"]), spec.name
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("segment", "zero-shot segmentation of one image with any class list")
     p.add_argument("image", help="image file (jpg, png, ...)")
     p.add_argument("--classes", required=True, help="comma-separated class names, e.g. 'cat,dog,sky'")
     p.add_argument("--model", default="data/model", help="model folder (default: data/model)")
     p.add_argument("--out", default=None, help="output PNG (default: <image stem>_segmentation.png)")
-    p.add_argument("--bg-thresh", type=float, default=0.95, help="background threshold (default 0.95, as VOC)")
+    p.add_argument("--bg-thresh", type=float, default=None,
+                   help="background threshold (default: the one `groupvit evaluate` tuned for this model, else 0.95)")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize the short side first (default: 2x the model's training size, as 448 for 224)")
     args = p.parse_args(argv)
@@ -44,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load(EvaluateConfig, args, "evaluate")
         names = parse_classes(args.classes)
-        if not 0.0 <= args.bg_thresh <= 1.0:
-            raise DataError(f"--bg-thresh {args.bg_thresh}: expected a value in [0, 1]")
+        bg_thresh = args.bg_thresh
+        if bg_thresh is None:
+            tuned = tuned_threshold(cfg, args.model)
+            bg_thresh = tuned[0] if tuned else 0.95
+            log.info("background threshold %s (%s)", bg_thresh,
+                     f"tuned on {tuned[1]} by groupvit evaluate" if tuned else "VOC default; none tuned for this model")
+        if not 0.0 <= bg_thresh <= 1.0:
+            raise DataError(f"--bg-thresh {bg_thresh}: expected a value in [0, 1]")
         image = read_image(Path(args.image))
         if not Path(args.model).exists():
             raise DataError(f"--model {args.model}: model folder not found (train one with `dvc repro train`)")
@@ -54,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = SegmentationSettings("whole", short, 10 ** 6, 1, 1, cfg.top_k, cfg.assignment == "hard")
         text = model.text_embeddings(names, templates_of(cfg.templates))
         seg = Segmenter(model.segmentation_outputs, text, model.logit_scale, settings, IMAGENET_MEAN, IMAGENET_STD)
-        pred = seg.predict(image[None], args.bg_thresh)[0]
+        pred = seg.predict(image[None], bg_thresh)[0]
         png = segmentation_figure(image, pred, ["background", *names], None, stage_group_maps(seg, image),
                                   title=f"{Path(args.image).name}: {', '.join(names)}")
         out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_segmentation.png")
         write_png(out, png)
         present = [(["background", *names][c], float((pred == c).float().mean())) for c in pred.unique().tolist()]
-        print(f"{out}: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in present))
+        print(f"{out}: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in present) + f" (bg_thresh {bg_thresh:g})")
         return 0
 
     return run_stage(body)
