@@ -64,7 +64,7 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
     n = dataset.num_classes
     matrices = {t: ConfusionMatrix(n) for t in thresholds}
     oracle_cm = ConfusionMatrix(n) if oracle and segmenter.settings.mode == "whole" else None
-    done, start, groups_used = 0, time.perf_counter(), 0
+    done, start, groups_used, grouped = 0, time.perf_counter(), 0, 0
     for batch in batches(dataset, batch_size if segmenter.settings.mode == "whole" else 1, limit):
         images = torch.stack([s.image for s in batch])
         targets = torch.stack([s.mask for s in batch])
@@ -75,7 +75,7 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
             # one vote count for the batch: offset the group ids so that every image's groups stay its own
             offsets = torch.arange(len(batch)).view(-1, 1, 1) * (int(groups.max()) + 1)
             oracle_cm.update(oracle_labels(groups + offsets, targets, n), targets)
-            groups_used += sum(len(g.unique()) for g in groups)
+            groups_used, grouped = groups_used + sum(len(g.unique()) for g in groups), grouped + len(groups)
         done += len(batch)
         if progress is not None:
             progress(done)
@@ -83,7 +83,7 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
     names = dataset.class_names
     return SegmentationRun(thresholds, {t: m.result(names) for t, m in matrices.items()},
                            oracle_cm.result(names) if oracle_cm is not None else None, done, seconds, matrices,
-                           groups_used / done if oracle_cm is not None and done else None)
+                           groups_used / grouped if grouped else None)
 
 
 def classification_pixels(images: torch.Tensor, resize: int, crop: int, mean: Sequence[float],
