@@ -108,12 +108,7 @@ def multi_label_loss(image: torch.Tensor, prompts: torch.Tensor, scale: torch.Te
     prompts = prompts.reshape(b * k, -1)
     logits_img = scale * _full(image) @ _full(gather(prompts)).t()  # [B, W*B*K]
     logits_txt = scale * _full(prompts) @ _full(gather(image)).t()  # [B*K, W*B]
-    # image b's own prompts are columns (rank*B + b)*K + j, j < K; the soft CE is the mean of their -log p
-    own = (torch.arange(b, device=image.device)[:, None] + b * rank) * k + torch.arange(k, device=image.device)
-    loss_img = -logits_img.log_softmax(dim=-1).gather(1, own).mean(dim=1).mean()
-    labels_txt = (torch.arange(b, device=image.device) + b * rank).repeat_interleave(k)  # prompt (b, j) -> image b
-    loss_txt = F.cross_entropy(logits_txt, labels_txt)
-    return 0.5 * (loss_img + loss_txt)
+    return _multi_label_ce(logits_img, logits_txt, k, rank)
 
 
 def multi_label_group_loss(groups: torch.Tensor, prompts: torch.Tensor, scale: torch.Tensor, rank: int = 0,
@@ -129,8 +124,14 @@ def multi_label_group_loss(groups: torch.Tensor, prompts: torch.Tensor, scale: t
     all_prompts, all_groups = _full(gather(prompts)), _full(gather(groups))
     logits_img = scale * torch.einsum("bgd,nd->bgn", _full(groups), all_prompts).amax(dim=1)  # [B, W*B*K]
     logits_txt = scale * torch.einsum("nd,bgd->nbg", _full(prompts), all_groups).amax(dim=2)  # [B*K, W*B]
-    own = (torch.arange(b, device=groups.device)[:, None] + b * rank) * k + torch.arange(k, device=groups.device)
+    return _multi_label_ce(logits_img, logits_txt, k, rank)
+
+
+def _multi_label_ce(logits_img: torch.Tensor, logits_txt: torch.Tensor, k: int, rank: int) -> torch.Tensor:
+    """The multi-label targets on this rank's rows: logits_img [B, W*B*K], logits_txt [B*K, W*B]."""
+    b, device = logits_img.shape[0], logits_img.device
+    # image b's own prompts are columns (rank*B + b)*K + j, j < K; the soft CE is the mean of their -log p
+    own = (torch.arange(b, device=device)[:, None] + b * rank) * k + torch.arange(k, device=device)
     loss_img = -logits_img.log_softmax(dim=-1).gather(1, own).mean(dim=1).mean()
-    labels_txt = (torch.arange(b, device=groups.device) + b * rank).repeat_interleave(k)
-    loss_txt = F.cross_entropy(logits_txt, labels_txt)
-    return 0.5 * (loss_img + loss_txt)
+    labels_txt = (torch.arange(b, device=device) + b * rank).repeat_interleave(k)  # prompt (b, j) -> image b
+    return 0.5 * (loss_img + F.cross_entropy(logits_txt, labels_txt))
