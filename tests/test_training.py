@@ -253,6 +253,18 @@ def test_a_time_budget_fixes_the_plan_in_the_checkpoint(tmp_path):
     assert state["schedule"]["total_steps"] == result.planned_steps  # the cosine is laid over the fitted plan
 
 
+def test_a_budget_that_fits_trains_exactly_the_unbudgeted_run():
+    """The default pipeline relies on this: a cap that never bites leaves the plan, the schedule and therefore the
+    weights as without a budget, so every `dvc repro` on a fast enough machine trains the same model."""
+    plain, capped = micro_model(), micro_model()
+    a = run(plain, train_cfg(steps=12, ckpt_every=100))
+    b = run(capped, train_cfg(steps=12, max_minutes=10.0, ckpt_every=100))
+    assert a.planned_steps == b.planned_steps == 12 and b.step == 12
+    capped_params = params_of(capped)
+    for name, value in params_of(plain).items():
+        assert torch.equal(value, capped_params[name]), name
+
+
 def test_a_finished_or_reconfigured_run_starts_afresh_instead_of_resuming(tmp_path):
     first = run(micro_model(), train_cfg(steps=4), tmp_path, run_config={"train.lr": 1e-3})
     again = run(micro_model(), train_cfg(steps=4), tmp_path, run_config={"train.lr": 1e-3})
