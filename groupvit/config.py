@@ -15,6 +15,7 @@ Range and choice constraints live in the field metadata, declared with `param(..
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 import os
 import types
@@ -28,6 +29,8 @@ from groupvit.errors import ConfigError
 
 T = TypeVar("T")
 
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, le: float | None = None,
           gt: float | None = None, lt: float | None = None, choices: Iterable[Any] | None = None,
@@ -95,6 +98,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads `8e-4` without a dot as a string
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -38,6 +38,15 @@ def test_int_accepted_for_float(tmp_path):
     assert load_section(Toy, write(tmp_path, {"toy": {"lr": 1}}), "toy").lr == 1.0
 
 
+def test_exponent_without_a_dot_is_a_float_although_yaml_reads_a_string(tmp_path):
+    # PyYAML (YAML 1.1) resolves `8e-4` to the string "8e-4"; users write it in params.yaml and in --set / -S
+    p = write(tmp_path, {"toy": {"steps": 5}})
+    assert load_section(Toy, p, "toy", ["toy.lr=8e-4"]).lr == 8e-4
+    assert load_section(Toy, p, "toy", ["toy.scale=[1e-1, 2E+0]"]).scale == (0.1, 2.0)
+    with pytest.raises(ConfigError, match="toy.lr.*expected float.*'8e'"):
+        load_section(Toy, p, "toy", ["toy.lr=8e"])
+
+
 @pytest.mark.parametrize("section, needles", [
     ({"stpes": 3}, ["toy.stpes", "unknown key", "steps"]),
     ({"steps": "ten"}, ["toy.steps", "expected int", "'ten'"]),
