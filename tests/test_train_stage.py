@@ -170,6 +170,16 @@ def test_training_on_the_synthetic_world_lowers_the_loss_and_is_tracked_in_mlflo
     downloaded = Path(mlflow.artifacts.download_artifacts(registered["model_uri"], dst_path=str(tmp_path / "dl")))
     assert (downloaded / "model.safetensors").read_bytes() == (tmp_path / "model/model.safetensors").read_bytes()
 
+    # a params change retrains from scratch (the checkpoints' run finished): a new MLflow run with the new values,
+    # the finished run's record untouched
+    params = write_params(tmp_path, world, steps=8, log_every=4, ckpt_every=8, lr=2e-3)
+    assert stage.main(stage_args(tmp_path, params)) == 0
+    retrained = json.loads((tmp_path / "model/mlflow.json").read_text())
+    assert retrained["run_id"] != registered["run_id"]
+    assert client.get_run(retrained["run_id"]).data.params["train.lr"] == "0.002"
+    assert client.get_run(registered["run_id"]).data.params["train.lr"] == "0.003"
+    assert [m.step for m in client.get_metric_history(registered["run_id"], "loss")] == [4, 8, 12, 16, 20, 24]
+
 
 @pytest.mark.slow
 def test_two_gloo_processes_under_torchrun_end_with_identical_parameters(tmp_path, world):

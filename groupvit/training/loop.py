@@ -91,6 +91,18 @@ def _epoch_batches(batches: BatchSource, epoch: int, skip: int, seed: int, rank:
     return it
 
 
+def will_resume(checkpoint_dir: str | Path | None, run_config: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether `fit` with these arguments continues from the latest checkpoint in `checkpoint_dir`.
+
+    The train stage asks before it opens its MLflow run: a resumed training continues its run, a fresh one (a
+    finished run, a changed configuration) gets a new run, so a retrain never lands in the old run's record.
+    """
+    if checkpoint_dir is None or not cfg.resume:
+        return False
+    state = ckpt.load_latest(Path(checkpoint_dir) / "checkpoints")
+    return state is not None and not _stale_reason(state, run_config)
+
+
 def _stale_reason(state: dict[str, Any] | None, run_config: dict[str, Any] | None) -> str:
     """Why a checkpoint must not be resumed ('' when it may): a finished run, or a different configuration."""
     if state is None:

@@ -155,8 +155,8 @@ class RunTracker:
         self.cfg, self.run_file, self.enabled, self.run_name = cfg, train_dir / "mlflow_run.json", enabled, run_name
         self.run_id, self.uri = "", ""
 
-    def _resumable_run(self) -> str | None:
-        if not (self.run_file.is_file() and (self.run_file.parent / "checkpoints" / "latest").is_file()):
+    def _resumable_run(self, resume: bool) -> str | None:
+        if not (resume and self.run_file.is_file()):
             return None
         import mlflow
 
@@ -169,7 +169,8 @@ class RunTracker:
             return None
 
     @contextlib.contextmanager
-    def run(self, params: dict[str, Any], data_paths: tuple[str, ...]) -> Iterator[None]:
+    def run(self, params: dict[str, Any], data_paths: tuple[str, ...], resume: bool) -> Iterator[None]:
+        """Open the MLflow run: the checkpoints' run when `resume` (training continues them), else a new one."""
         if not self.enabled:
             yield
             return
@@ -178,7 +179,7 @@ class RunTracker:
         from pipelines.tracking import dvc_data_hashes, git_commit, setup
 
         self.uri = setup(self.cfg)
-        resume_id = self._resumable_run()
+        resume_id = self._resumable_run(resume)
         tags = {"stage": "train", "git_commit": git_commit(),
                 **{f"dvc.{path}": md5 for path, md5 in dvc_data_hashes(data_paths).items()}}
         with mlflow.start_run(run_id=resume_id, run_name=None if resume_id else self.run_name,
@@ -227,7 +228,7 @@ def worker(args: argparse.Namespace) -> int:
     from groupvit.data.loader import DataConfig, make_train_loader
     from groupvit.losses import GroupViTLoss
     from groupvit.model import GroupViT, ModelConfig
-    from groupvit.training import destroy_distributed, fit, init_distributed
+    from groupvit.training import destroy_distributed, fit, init_distributed, will_resume
     from groupvit.training.distributed import device_for
 
     train_cfg = load(TrainConfig, args, "train")
@@ -290,7 +291,8 @@ def worker(args: argparse.Namespace) -> int:
         tracker = RunTracker(track_cfg, train_dir, enabled=info.is_main, run_name=args.run_name)
         with tracker.run(params={**flat_dict({k: to_dict(v) for k, v in configs.items()}),
                                  **{f"run.{k}": v for k, v in extra.items()}},
-                         data_paths=(data_cfg.shards_dir, data_cfg.nouns_dir)):
+                         data_paths=(data_cfg.shards_dir, data_cfg.nouns_dir),
+                         resume=info.is_main and will_resume(train_dir, resume_key(configs), train_cfg)):
             result = fit(model, loss_fn, batches, cfg=train_cfg, steps_per_epoch=steps_per_epoch, info=info,
                          device=device, seed=seed, checkpoint_dir=train_dir, run_config=resume_key(configs),
                          log_fn=tracker.log_metrics)
