@@ -30,6 +30,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # listen() backlog: socketserver's default of 5 is far below img2dataset's 2 processes x 32 threads; refused SYNs
+    # are retried by the kernel after 1, 3, 7 s, and a few requests then hit the 10 s timeout (3 of 40,000 in a
+    # fresh-clone run), which changes the shards and so every model trained on them
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address) -> None:  # noqa: ANN001
         # A client that goes away mid-response (img2dataset killed or timing out) is not a server error.
