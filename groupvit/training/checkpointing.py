@@ -96,11 +96,13 @@ def save_checkpoint(folder: str | os.PathLike[str], step: int, state: dict[str, 
     return path
 
 
-def load_latest(folder: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+def load_latest(folder: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                mmap: bool = False) -> dict[str, Any] | None:
     """The newest readable checkpoint in `folder` (the one `latest` names, else the newest step file); None if none.
 
     A checkpoint that fails to load (truncated by a crash outside our atomic write, e.g. a copied folder) is
-    skipped with a warning in favour of the previous one.
+    skipped with a warning in favour of the previous one. `mmap=True` maps the tensors instead of reading them, for
+    callers that only look at the plan and the config.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -114,7 +116,7 @@ def load_latest(folder: str | os.PathLike[str], map_location: str | torch.device
         if not path.is_file():
             continue
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to an older checkpoint
             log.warning("skipping unreadable checkpoint %s (%s)", path, e)
             continue

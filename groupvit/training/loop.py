@@ -99,7 +99,7 @@ def will_resume(checkpoint_dir: str | Path | None, run_config: dict[str, Any] | 
     """
     if checkpoint_dir is None or not cfg.resume:
         return False
-    state = ckpt.load_latest(Path(checkpoint_dir) / "checkpoints")
+    state = ckpt.load_latest(Path(checkpoint_dir) / "checkpoints", mmap=True)  # `fit` reads the tensors later
     return state is not None and not _stale_reason(state, run_config)
 
 
