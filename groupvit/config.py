@@ -15,9 +15,9 @@ Range and choice constraints live in the field metadata, declared with `param(..
 from __future__ import annotations
 
 import dataclasses
-import re
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -30,7 +30,8 @@ from groupvit.errors import ConfigError
 T = TypeVar("T")
 
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 8e-4, 1E+3: YAML 1.1 strings
+
 
 def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, le: float | None = None,
           gt: float | None = None, lt: float | None = None, choices: Iterable[Any] | None = None,

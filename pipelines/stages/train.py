@@ -289,12 +289,13 @@ def worker(args: argparse.Namespace) -> int:
             return first if epoch == 0 else loader(epoch)[0]
 
         tracker = RunTracker(track_cfg, train_dir, enabled=info.is_main, run_name=args.run_name)
+        run_config = resume_key(configs)
         with tracker.run(params={**flat_dict({k: to_dict(v) for k, v in configs.items()}),
                                  **{f"run.{k}": v for k, v in extra.items()}},
                          data_paths=(data_cfg.shards_dir, data_cfg.nouns_dir),
-                         resume=info.is_main and will_resume(train_dir, resume_key(configs), train_cfg)):
+                         resume=info.is_main and will_resume(train_dir, run_config, train_cfg)):
             result = fit(model, loss_fn, batches, cfg=train_cfg, steps_per_epoch=steps_per_epoch, info=info,
-                         device=device, seed=seed, checkpoint_dir=train_dir, run_config=resume_key(configs),
+                         device=device, seed=seed, checkpoint_dir=train_dir, run_config=run_config,
                          log_fn=tracker.log_metrics)
             if info.is_main:
                 model_dir, metrics_dir = Path(args.model_dir), Path(args.metrics_dir)
