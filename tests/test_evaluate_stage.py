@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from groupvit.checkpoint import save_pretrained
+from groupvit.checkpoint import load_pretrained, save_pretrained, weights_digest
 from groupvit.config import build
 from groupvit.model import GroupViT, ModelConfig
 from groupvit.synth import CaptionStyle, WorldSpec, write_world
@@ -86,6 +86,12 @@ def test_evaluate_writes_metrics_tables_pictures_and_mlflow_run(tmp_path, world,
         assert 0 < test[name]["oracle_miou"] <= 100 and test[name]["groups_per_image"] >= 1
         assert metrics["classification"]["synth_single"][name]["num_images"] >= 1
     assert 0 < test["all_background_miou"] < 100
+    # the thresholds `groupvit segment` reuses, each tied to the digest of the weights it was tuned for
+    tuned = json.loads((tmp_path / "eval/thresholds.json").read_text())
+    for name in ("groupvit", "vit_pixelwise"):
+        assert tuned[name]["bg_thresh"] == val[name]["best_bg_thresh"] and tuned[name]["data_set"] == "synth_val"
+        assert tuned[name]["weights_sha256"] == weights_digest(load_pretrained(models[name]))
+    assert tuned["groupvit"]["weights_sha256"] != tuned["vit_pixelwise"]["weights_sha256"]
     assert metrics["comparison"]["synth_test"]["groupvit_over_vit_pixelwise"] == pytest.approx(
         test["groupvit"]["miou"] / test["vit_pixelwise"]["miou"], abs=1e-3)
 
@@ -150,13 +156,16 @@ def test_segment_demo_writes_overlay(tmp_path, world, models, capsys):
     assert rc == 0 and Image.open(out).size[0] > 300
     printed = capsys.readouterr().out
     assert "demo.png:" in printed and "(bg_thresh 0.95)" in printed  # no tuned threshold on record: VOC's
-    # with a tuned threshold on record for this model, the demo uses it
-    metrics = tmp_path / "metrics/evaluate.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps({"synth_val": {"groupvit": {"best_bg_thresh": 0.3}}}))
-    assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
-                         "--params", str(params)]) == 0
-    assert "(bg_thresh 0.3)" in capsys.readouterr().out
+    # with a threshold on record for these weights, the demo uses it; one tuned for other weights it ignores
+    digest = weights_digest(load_pretrained(models["groupvit"]))
+    tuned = tmp_path / "eval/thresholds.json"
+    tuned.parent.mkdir(parents=True, exist_ok=True)
+    for sha, expected in ((digest, "0.3"), ("0" * 64, "0.95")):
+        tuned.write_text(json.dumps({"groupvit": {"bg_thresh": 0.3, "data_set": "synth_val", "weights_sha256": sha,
+                                                  "model": str(models["groupvit"])}}))
+        assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
+                             "--params", str(params)]) == 0
+        assert f"(bg_thresh {expected})" in capsys.readouterr().out
     assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
                          "--params", str(params), "--bg-thresh", "0.7"]) == 0
     assert "(bg_thresh 0.7)" in capsys.readouterr().out

@@ -31,7 +31,8 @@ from groupvit.model.vision import resize_pos_embed
 log = logging.getLogger(__name__)
 ML_SCALE = "multi_label_logit_scale"
 POS_EMBED = "img_encoder.pos_embed"
-__all__ = ["LAYOUTS", "convert", "export_hf", "export_official", "load_pretrained", "read_weights", "save_pretrained"]
+__all__ = ["LAYOUTS", "convert", "export_hf", "export_official", "load_pretrained", "read_weights", "save_pretrained",
+           "weights_digest"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -167,6 +168,21 @@ def load_pretrained(path: str | Path, config: ModelConfig | None = None):
         state[ML_SCALE] = model.multi_label_logit_scale.detach().clone()
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes, bytes): identifies the weights whatever file held them.
+
+    The evaluate stage records it beside the threshold it tuned, so `groupvit segment` uses a threshold only for
+    the weights it was tuned for.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _state_and_config(source: Any, config: ModelConfig | None) -> tuple[dict[str, torch.Tensor], ModelConfig]:

@@ -6,7 +6,8 @@ DVC stage (for dvc.yaml; runs after `train`, and after `train_baseline` when the
     deps: [pipelines/stages/evaluate.py, groupvit/evaluation, groupvit/model, data/model, data/baseline_model,
            data/synth/val, data/synth/test]
     params: [base.seed, evaluate, tracking]
-    outs: [data/eval]                        # pictures/*.png, per_class_iou.csv (all data sets), resolved_config.yaml
+    outs: [data/eval]                        # pictures/*.png, per_class_iou.csv (all data sets), thresholds.json,
+                                             # resolved_config.yaml
     metrics: [metrics/evaluate.json: {cache: false}]
     plots:
       - metrics/per_class_iou.csv: {cache: false, x: class, y: [groupvit, vit_pixelwise], template: bar_horizontal}
@@ -31,12 +32,15 @@ from typing import Any, Callable
 
 import torch
 
+from groupvit.checkpoint import weights_digest
 from groupvit.config import flat_dict, param, read_params, save_resolved
 from groupvit.errors import DataError
 from groupvit.evaluation.datasets import (DEFAULT_BG_THRESH, ImageFolderDataset, SegmentationDataset,
                                           SingleObjectDataset, load_class_names)
 from groupvit.evaluation.runner import evaluate_classification, evaluate_segmentation
 from pipelines.common import load, run_stage, stage_parser
+
+THRESHOLDS_FILE = "thresholds.json"  # in output_dir: the tuned threshold per model, read by `groupvit segment`
 
 log = logging.getLogger("groupvit.evaluate")
 
@@ -124,6 +128,7 @@ class LoadedModel:
 
         self.name, self.path = spec.name, Path(spec.path)
         self.model = groupvit.load_pretrained(self.path).eval()
+        self.digest = weights_digest(self.model)  # ties a tuned threshold to these weights (thresholds.json)
         self.bf16 = precision == "bf16"
         self.logit_scale = float(self.model.logit_scales()[0].detach())
         self.context_length = self.model.cfg.context_length
@@ -301,6 +306,18 @@ def flat_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def tuned_thresholds(cfg: EvaluateConfig, models: list[LoadedModel], results: dict[str, Any]) -> dict[str, Any]:
+    """Each model's threshold from the first swept data set, with the digest of the weights it was tuned for."""
+    out: dict[str, Any] = {}
+    for spec in cfg.segmentation:
+        for m in models:
+            entry = results.get(spec.name, {}).get(m.name)
+            if spec.sweep and isinstance(entry, dict) and m.name not in out:
+                out[m.name] = {"bg_thresh": entry["best_bg_thresh"], "data_set": spec.name, "model": str(m.path),
+                               "weights_sha256": m.digest}
+    return out
+
+
 def evaluate(cfg: EvaluateConfig, log_run: Callable[[dict, list[Path], list[Path]], None] | None = None
              ) -> dict[str, Any]:
     """Run every data set for every model; write metrics, tables and pictures; hand them to `log_run`."""
@@ -342,6 +359,7 @@ def evaluate(cfg: EvaluateConfig, log_run: Callable[[dict, list[Path], list[Path
     if report:
         write_atomic(Path(cfg.per_class_file), per_class_csv(rows, report))
         tables.append(Path(cfg.per_class_file))
+    write_atomic(out / THRESHOLDS_FILE, json.dumps(tuned_thresholds(cfg, models, results), indent=2) + "\n")
     write_atomic(Path(cfg.metrics_file), json.dumps(results, indent=2) + "\n")
     if log_run is not None:
         log_run(results, pictures, tables)

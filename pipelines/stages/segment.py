@@ -2,8 +2,8 @@
 
 Writes the evaluation picture (image, prediction with a class legend, the groups of each stage) to `--out`. Prompt
 templates, top-k and the assignment mode come from the `evaluate` section of params.yaml; whole-image mode as the
-reference demo. The background threshold defaults to the one the evaluate stage tuned for this model (its
-`best_bg_thresh` in `evaluate.metrics_file`), else 0.95 (VOC). Not a DVC stage.
+reference demo. The background threshold defaults to the one the evaluate stage tuned for these weights
+(`<evaluate.output_dir>/thresholds.json`, matched by the weights' digest), else 0.95 (VOC). Not a DVC stage.
 """
 from __future__ import annotations
 
@@ -27,20 +27,27 @@ def parse_classes(value: str) -> list[str]:
     return names
 
 
-def tuned_threshold(cfg: Any, model_dir: str) -> tuple[float, str] | None:
-    """(threshold, data set) the evaluate stage swept best for the model at `model_dir`, or None if it has none."""
-    names = [m.name for m in cfg.models if Path(m.path).resolve() == Path(model_dir).resolve()]
-    metrics_file = Path(cfg.metrics_file)
-    if not names or not metrics_file.is_file():
+def tuned_threshold(cfg: Any, digest: str) -> tuple[float, str] | None:
+    """(threshold, data set) the evaluate stage tuned for the weights with this digest, or None.
+
+    `<evaluate.output_dir>/thresholds.json` keeps each model's threshold with the digest of the weights it was
+    tuned on, so a model retrained (or replaced) since the last `groupvit evaluate` never gets a stale threshold.
+    """
+    from pipelines.stages.evaluate import THRESHOLDS_FILE
+
+    path = Path(cfg.output_dir) / THRESHOLDS_FILE
+    if not path.is_file():
         return None
     try:
-        metrics = json.loads(metrics_file.read_text())
+        entries = json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise DataError(f"{metrics_file}: not valid JSON (evaluate.metrics_file); pass --bg-thresh") from None
-    for spec in cfg.segmentation:
-        entry = metrics.get(spec.name, {}).get(names[0], {})
-        if spec.sweep and isinstance(entry, dict) and entry.get("best_bg_thresh") is not None:
-            return float(entry["best_bg_thresh"]), spec.name
+        raise DataError(f"{path}: not valid JSON (written by groupvit evaluate); pass --bg-thresh") from None
+    for name, entry in entries.items():
+        if isinstance(entry, dict) and entry.get("weights_sha256") == digest:
+            return float(entry["bg_thresh"]), entry.get("data_set", name)
+    stale = [str(e.get("model")) for e in entries.values() if isinstance(e, dict)]
+    log.warning("%s: no threshold tuned for these weights (tuned for %s; retrained since `groupvit evaluate`?)",
+                path, ", ".join(stale) or "no model")
     return None
 
 
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="data/model", help="model folder (default: data/model)")
     p.add_argument("--out", default=None, help="output PNG (default: <image stem>_segmentation.png)")
     p.add_argument("--bg-thresh", type=float, default=None,
-                   help="background threshold (default: the one `groupvit evaluate` tuned for this model, else 0.95)")
+                   help="background threshold (default: the one `groupvit evaluate` tuned for these weights,"
+                        " else 0.95)")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize the short side first (default: 2x the model's training size, as 448 for 224)")
     args = p.parse_args(argv)
@@ -66,17 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(EvaluateConfig, args, "evaluate")
         names = parse_classes(args.classes)
         bg_thresh = args.bg_thresh
-        if bg_thresh is None:
-            tuned = tuned_threshold(cfg, args.model)
-            bg_thresh = tuned[0] if tuned else 0.95
-            log.info("background threshold %s (%s)", bg_thresh,
-                     f"tuned on {tuned[1]} by groupvit evaluate" if tuned else "VOC default; none tuned for this model")
-        if not 0.0 <= bg_thresh <= 1.0:
+        if bg_thresh is not None and not 0.0 <= bg_thresh <= 1.0:
             raise DataError(f"--bg-thresh {bg_thresh}: expected a value in [0, 1]")
         image = read_image(Path(args.image))
         if not Path(args.model).exists():
             raise DataError(f"--model {args.model}: model folder not found (train one with `dvc repro train`)")
         model = LoadedModel(ModelSpec("model", args.model), cfg.precision)
+        if bg_thresh is None:
+            tuned = tuned_threshold(cfg, model.digest)
+            bg_thresh = tuned[0] if tuned else 0.95
+            log.info("background threshold %s (%s)", bg_thresh,
+                     f"tuned on {tuned[1]} by groupvit evaluate" if tuned else "VOC default; none tuned for this model")
         short = args.short_side if args.short_side is not None else 2 * model.model.cfg.image_size
         settings = SegmentationSettings("whole", short, 10 ** 6, 1, 1, cfg.top_k, cfg.assignment == "hard")
         text = model.text_embeddings(names, templates_of(cfg.templates))
