@@ -18,11 +18,34 @@ from torch import nn
 AllGather = Callable[[torch.Tensor], torch.Tensor]
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather in forward; backward sums the gradients of every rank's copy and keeps this rank's rows.
+
+    Public collectives only: `torch.distributed.nn.functional.all_gather` does the same but is deprecated
+    (FutureWarning in torch 2.13, slated for removal).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist  # imported lazily: the model package stays process-free
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss reaches this rank's rows (gloo has no reduce_scatter)
+        return grad[ctx.rows]
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """[B, ...] on every rank -> [W*B, ...] in rank order; backward sums the gradients of all ranks' copies."""
-    import torch.distributed.nn.functional as dist_fn  # imported lazily: the model package stays process-free
-
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(x)
 
 
 class GroupViTLoss(nn.Module):

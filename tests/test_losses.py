@@ -2,6 +2,7 @@
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -151,6 +152,7 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
+    warnings.simplefilter("error", FutureWarning)  # no deprecated collective in the gather
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         full = features(2 * world, 3, seed=5)
