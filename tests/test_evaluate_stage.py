@@ -166,6 +166,10 @@ def test_segment_demo_writes_overlay(tmp_path, world, models, capsys):
         assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
                              "--params", str(params)]) == 0
         assert f"(bg_thresh {expected})" in capsys.readouterr().out
+    tuned.write_text(json.dumps({"groupvit": {"weights_sha256": digest}}))  # a hand-edited file without the value
+    assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
+                         "--params", str(params)]) == 2
+    assert "thresholds.json: groupvit.bg_thresh: expected a number, found None" in capsys.readouterr().err
     assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
                          "--params", str(params), "--bg-thresh", "0.7"]) == 0
     assert "(bg_thresh 0.7)" in capsys.readouterr().out

@@ -44,6 +44,8 @@ def tuned_threshold(cfg: Any, digest: str) -> tuple[float, str] | None:
         raise DataError(f"{path}: not valid JSON (written by groupvit evaluate); pass --bg-thresh") from None
     for name, entry in entries.items():
         if isinstance(entry, dict) and entry.get("weights_sha256") == digest:
+            if not isinstance(entry.get("bg_thresh"), (int, float)):
+                raise DataError(f"{path}: {name}.bg_thresh: expected a number, found {entry.get('bg_thresh')!r}")
             return float(entry["bg_thresh"]), entry.get("data_set", name)
     stale = [str(e.get("model")) for e in entries.values() if isinstance(e, dict)]
     log.warning("%s: no threshold tuned for these weights (tuned for %s; retrained since `groupvit evaluate`?)",
