@@ -12,6 +12,7 @@ a differently sized `img_encoder.pos_embed` is bicubically resized (as the refer
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -176,8 +177,6 @@ def weights_digest(model: torch.nn.Module) -> str:
     The evaluate stage records it beside the threshold it tuned, so `groupvit segment` uses a threshold only for
     the weights it was tuned for.
     """
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

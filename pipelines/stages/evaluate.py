@@ -21,6 +21,7 @@ registered version when `data/model/mlflow.json` exists.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -128,10 +129,14 @@ class LoadedModel:
 
         self.name, self.path = spec.name, Path(spec.path)
         self.model = groupvit.load_pretrained(self.path).eval()
-        self.digest = weights_digest(self.model)  # ties a tuned threshold to these weights (thresholds.json)
         self.bf16 = precision == "bf16"
         self.logit_scale = float(self.model.logit_scales()[0].detach())
         self.context_length = self.model.cfg.context_length
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the weights, which ties a tuned threshold to them (thresholds.json); computed when asked."""
+        return weights_digest(self.model)
 
     def _autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
