@@ -51,15 +51,21 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 class GroupViTLoss(nn.Module):
     """L = L_itc + multi_label_weight * L_ml (reference: every loss key is summed; weight 1.0).
 
+    L_ml matches the prompted nouns with the pooled image (reference) or, when the outputs carry "groups", with the
+    image's best segment; when they carry "patches", `patch_weight` times the same loss on the patch tokens
+    entering the first grouping block is added to L_ml (`model.multi_label_patches`, a departure).
+
     Args:
         multi_label: add the multi-label loss when the outputs carry prompts.
         multi_label_weight: its weight.
+        patch_weight: weight of the patch-token term inside L_ml (used only when the outputs carry "patches").
     """
 
-    def __init__(self, multi_label: bool = True, multi_label_weight: float = 1.0):
+    def __init__(self, multi_label: bool = True, multi_label_weight: float = 1.0, patch_weight: float = 0.0):
         super().__init__()
         self.multi_label = multi_label
         self.multi_label_weight = multi_label_weight
+        self.patch_weight = patch_weight
 
     def forward(self, outputs: dict[str, torch.Tensor | None], logit_scale: torch.Tensor,
                 ml_logit_scale: torch.Tensor | None = None, rank: int = 0, world_size: int = 1,
@@ -68,7 +74,7 @@ class GroupViTLoss(nn.Module):
 
         Args:
             outputs: `GroupViT.forward` output: L2-normalised "image" [B, D], "text" [B, D], "prompts" [B, K, D] or
-                None.
+                None, optionally "groups" [B, G, D] and "patches" [B, N, D].
             logit_scale: the clamped scale min(exp(logit_scale), 100) (`model.logit_scales()[0]`).
             ml_logit_scale: the same for the multi-label loss (`model.logit_scales()[1]`).
             rank: this process's rank.
@@ -88,6 +94,9 @@ class GroupViTLoss(nn.Module):
                 loss_ml = multi_label_group_loss(groups, prompts, scale, rank, gather)
             else:
                 loss_ml = multi_label_loss(image, prompts, scale, rank, gather)
+            patches = outputs.get("patches")
+            if patches is not None and self.patch_weight > 0:
+                loss_ml = loss_ml + self.patch_weight * multi_label_group_loss(patches, prompts, scale, rank, gather)
             loss = loss_itc + self.multi_label_weight * loss_ml
         else:
             loss_ml = torch.zeros((), dtype=loss_itc.dtype, device=loss_itc.device)

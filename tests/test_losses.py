@@ -104,6 +104,25 @@ def test_group_multi_label_loss_scores_an_image_by_its_best_group():
     torch.testing.assert_close(out["loss_ml"], expected)
 
 
+def test_patch_term_adds_the_best_patch_loss_with_its_weight_and_only_with_patches():
+    b, k, d = 3, 2, 8
+    f = features(b, k, d, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    groups = F.normalize(torch.randn(b, 4, d, generator=gen, dtype=torch.float64), dim=-1)
+    patches = F.normalize(torch.randn(b, 9, d, generator=gen, dtype=torch.float64), dim=-1)
+    s, s_ml = torch.tensor(6.0, dtype=torch.float64), torch.tensor(8.0, dtype=torch.float64)
+    on_groups = multi_label_group_loss(groups, f["prompts"], s_ml)
+    on_patches = multi_label_group_loss(patches, f["prompts"], s_ml)
+    assert not torch.isclose(on_groups, on_patches)
+    out = GroupViTLoss(multi_label_weight=0.5, patch_weight=2.0)({**f, "groups": groups, "patches": patches}, s, s_ml)
+    torch.testing.assert_close(out["loss_ml"], on_groups + 2.0 * on_patches)
+    torch.testing.assert_close(out["loss"], out["loss_itc"] + 0.5 * out["loss_ml"])
+    # weight 0, or no patches in the outputs: the group loss alone
+    for loss_fn, outputs in ((GroupViTLoss(patch_weight=0.0), {**f, "groups": groups, "patches": patches}),
+                             (GroupViTLoss(patch_weight=2.0), {**f, "groups": groups})):
+        torch.testing.assert_close(loss_fn(outputs, s, s_ml)["loss_ml"], on_groups)
+
+
 @pytest.mark.parametrize("rank, world", [(1, 2), (0, 3)])
 def test_group_multi_label_loss_gathers_groups_of_every_rank(rank, world):
     b, k, g, d = 2, 2, 3, 8

@@ -8,7 +8,7 @@ from groupvit.config import build
 from groupvit.errors import ConfigError
 from groupvit.losses import GroupViTLoss
 from groupvit.model import GroupViT, ModelConfig, autocast, compile_model, count_params, flops_per_sample
-from groupvit.model.grouping import AssignAttention
+from groupvit.model.grouping import AssignAttention, GroupingBlock
 
 SOT, EOT = 49406, 49407
 TINY = dict(preset="tiny", image_size=32, patch_size=8, embed_dim=32, depths=(1, 1, 1), num_heads=(2, 2, 2),
@@ -158,6 +158,31 @@ def test_group_matching_returns_the_segments_that_segmentation_scores():
     assert plain(pixels(2), tokens(2, k=2))["groups"].shape == (2, 16, 16)  # the baseline's segments: 4x4 patches
 
 
+def test_patch_matching_returns_the_tokens_the_first_grouping_block_receives():
+    model = GroupViT(cfg(multi_label_match="group", multi_label_patches=1.0)).train()
+    out = model(pixels(4), tokens(4, k=3))
+    assert out["patches"].shape == (4, 16, 16) and out["groups"].shape == (4, 2, 16)  # 4x4 patches, 2 segments
+    # the patch term trains the blocks before grouping and not the grouping block (eval: BatchNorm on running
+    # statistics, which in training would couple the patch rows to the segment rows of the same projector call)
+    model.eval().zero_grad(set_to_none=True)
+    out = model(pixels(4), tokens(4, k=3))
+    frozen = {key: out[key].detach() for key in ("image", "text", "groups")}
+    GroupViTLoss(patch_weight=1.0)({**out, **frozen}, *model.logit_scales())["loss_ml"].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "img_encoder.layers.0.blocks.0.attn.qkv.weight" in grads and "img_encoder.norm.weight" in grads
+    assert not any(n.startswith("img_encoder.layers.0.downsample") for n in grads)
+    model.eval()
+    captured = {}
+    model.img_encoder.layers[0].downsample.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    with torch.no_grad():
+        out, seg = model(pixels(2), tokens(2, k=2)), model.segmentation_outputs(pixels(2))
+        expected = model.img_projector(model.img_encoder.norm(captured["x"]))
+    torch.testing.assert_close(out["patches"], torch.nn.functional.normalize(expected, dim=-1))
+    torch.testing.assert_close(out["groups"], seg["groups"])  # segmentation is unchanged by the switch
+    assert "patches" not in GroupViT(cfg(multi_label_match="group")).eval()(pixels(2), tokens(2, k=2))
+    assert "patches" not in model(pixels(2), tokens(2))  # captions only: no nouns to match
+
+
 def test_captions_only_tokens_give_no_prompts_and_text_matches_encode_text():
     model = GroupViT(cfg()).eval()
     t = tokens(3)
@@ -182,7 +207,7 @@ def test_pixel_wise_baseline_without_grouping_is_a_plain_vit():
     model = GroupViT(cfg(depths=(2,), num_heads=(2,), num_group_tokens=(0,), num_output_groups=())).eval()
     with torch.no_grad():
         seg = model.segmentation_outputs(pixels(2))
-        x, _, _ = model.img_encoder.forward_features(pixels(2))
+        x, _, _, _ = model.img_encoder.forward_features(pixels(2))
     assert seg["soft_maps"] == [] and seg["groups"].shape == (2, 16, 16) and x.shape == (2, 16, 32)
     torch.testing.assert_close(model.img_encoder(pixels(2)), x.mean(dim=1))
 
@@ -258,6 +283,27 @@ def test_grouping_output_is_the_count_normalised_mean_of_assigned_values():
     expected = block.proj((onehot / (onehot.sum(-1, keepdim=True) + 1)) @ block.v_proj(x))
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(soft, raw.softmax(dim=1))
+
+
+def test_group_residual_scales_the_group_tokens_added_to_the_merged_tokens():
+    torch.manual_seed(0)
+    x, tokens_in = torch.randn(2, 9, 16), torch.randn(2, 4, 16)
+    seen = {}
+    reference = GroupingBlock(16, 2, 4, 3, hard=False).eval()
+    reference.pre_assign_attn.register_forward_hook(lambda m, a, out: seen.update(groups=out))
+    reference.assign.register_forward_hook(lambda m, a, out: seen.update(merged=out[0]))
+    reference.norm_new_x.register_forward_pre_hook(lambda m, a: seen.update(new_x=a[0]))
+    with torch.no_grad():
+        reference(x, tokens_in)
+        torch.testing.assert_close(seen["new_x"], seen["merged"] + seen["groups"])  # the reference residual
+        for scale in (0.3, 0.0):
+            block = GroupingBlock(16, 2, 4, 3, hard=False, group_residual=scale).eval()
+            block.load_state_dict(reference.state_dict())
+            block.norm_new_x.register_forward_pre_hook(lambda m, a: seen.update(new_x=a[0]))
+            block(x, tokens_in)
+            torch.testing.assert_close(seen["new_x"], seen["merged"] + scale * seen["groups"])
+    model = GroupViT(cfg(group_residual=0.3))
+    assert all(layer.downsample.group_residual == 0.3 for layer in model.img_encoder.layers[:-1])
 
 
 def test_hard_and_soft_assignment_models_both_train():

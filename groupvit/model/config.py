@@ -61,6 +61,9 @@ class ModelConfig:
     drop_path_rate: float | None = param(None, ge=0, lt=1, help="stochastic depth, linear over all vision blocks")
     gumbel_tau: float | None = param(None, gt=0, help="Gumbel-softmax temperature (reference 1.0)")
     assign_eps: float | None = param(None, ge=0, help="added to the token count when averaging a group (ref. 1)")
+    group_residual: float = param(1.0, ge=0, help="scale of the group token added back to its merged image tokens "
+                                                  "in each GroupingBlock (reference 1.0; departure, "
+                                                  "docs/evaluation.md)")
     # text encoder
     text_width: int | None = param(None, ge=8)
     text_layers: int | None = param(None, ge=1)
@@ -77,6 +80,11 @@ class ModelConfig:
                                    help="what a prompted noun is matched with in the multi-label loss: image = the "
                                         "pooled image embedding (reference) | group = the image's best-matching "
                                         "final group (departure, docs/evaluation.md)")
+    multi_label_patches: float = param(0.0, ge=0,
+                                       help="weight of a second multi-label loss in which a noun is matched by the "
+                                            "image's best patch token as the first grouping block receives it "
+                                            "(0 = off, reference; departure, docs/evaluation.md). No effect "
+                                            "without grouping: the plain ViT's patches are its segments")
     # performance switches (same function, different speed/memory)
     attn_impl: str = param("auto", choices=("auto", "sdpa", "eager"),
                            help="fused scaled-dot-product attention, eager, or auto = SDPA except CPU training "

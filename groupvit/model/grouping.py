@@ -108,13 +108,17 @@ class GroupingBlock(nn.Module):
         assign_eps: added to the per-group token count.
         fused_proj: compute the four key/value projections of the image tokens with one GEMM.
         attn_impl: `sdpa` or `eager` for the pre-assign attention.
+        group_residual: scale of the residual from the group tokens to the segments (reference 1.0). The tokens
+            have attended to every image token (stage blocks, pre-assign attention), so the residual hands each
+            segment an image-wide summary; below 1 a segment is more its own tokens' mean (docs/evaluation.md).
     """
 
     def __init__(self, dim: int, num_heads: int, num_group_token: int, num_output_group: int, hard: bool = True,
                  gumbel_tau: float = 1.0, assign_eps: float = 1.0, fused_proj: bool = True,
-                 attn_impl: str = "auto"):
+                 attn_impl: str = "auto", group_residual: float = 1.0):
         super().__init__()
         self.fused_proj = fused_proj
+        self.group_residual = group_residual
         self.norm_tokens = nn.LayerNorm(dim)
         self.mlp_inter = Mlp(num_group_token, int(0.5 * dim), num_output_group)  # over the token axis
         self.norm_post_tokens = nn.LayerNorm(dim)
@@ -144,5 +148,5 @@ class GroupingBlock(nn.Module):
         kv_pre, kv_assign = self._key_values(x)
         groups = self.pre_assign_attn(groups, x, kv_pre)
         new_x, soft = self.assign(groups, x, kv_assign, return_soft)
-        new_x = new_x + groups
+        new_x = new_x + (groups if self.group_residual == 1.0 else self.group_residual * groups)
         return new_x + self.mlp_channels(self.norm_new_x(new_x)), soft

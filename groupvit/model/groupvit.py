@@ -76,8 +76,9 @@ class GroupViT(nn.Module):
             tokens: [B, 1+K, L] (caption, then K prompted nouns) or [B, L] (captions only).
 
         Returns:
-            {"image": [B, D], "text": [B, D], "prompts": [B, K, D] or None}. All B*(1+K) texts are encoded in one
-            pass (one set of BatchNorm statistics, as the reference).
+            {"image": [B, D], "text": [B, D], "prompts": [B, K, D] or None}, plus "groups" [B, G, D] with
+            `multi_label_match: group` and "patches" [B, N, D] with `multi_label_patches` (when there are prompts).
+            All B*(1+K) texts are encoded in one pass (one set of BatchNorm statistics, as the reference).
         """
         if tokens.ndim == 2:
             tokens = tokens[:, None]
@@ -85,19 +86,30 @@ class GroupViT(nn.Module):
             raise ValueError(f"tokens: expected [B, 1+K, L] with B = {pixels.shape[0]} images, found "
                              f"{list(tokens.shape)}")
         b, n, length = tokens.shape
-        groups = None
-        if self.cfg.multi_label_match == "group" and n > 1:
-            # One projector call over [pooled, groups] [B, 1+G, C]: the BatchNorm statistics then cover the group
-            # embeddings that zero-shot segmentation scores, not only the pooled ones.
-            x = self.img_encoder.forward_features(pixels)[0]  # [B, G, C]
-            both = F.normalize(self.img_projector(torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)), dim=-1)
-            image, groups = both[:, 0], both[:, 1:]
+        match_groups = self.cfg.multi_label_match == "group" and n > 1
+        match_patches = self.cfg.multi_label_patches > 0 and self.cfg.has_grouping and n > 1
+        groups = patches = None
+        if match_groups or match_patches:
+            # One projector call over [pooled, groups, patches] [B, 1+G+N, C]: the BatchNorm statistics then cover
+            # the group embeddings that zero-shot segmentation scores, not only the pooled ones.
+            x, _, _, patch_tokens = self.img_encoder.forward_features(pixels)  # [B, G, C], [B, N, C]
+            parts = [x.mean(dim=1, keepdim=True)]
+            if match_groups:
+                parts.append(x)
+            if match_patches:
+                parts.append(self.img_encoder.norm(patch_tokens))  # the final LayerNorm, shared with the segments
+            z = F.normalize(self.img_projector(torch.cat(parts, dim=1)), dim=-1)
+            image = z[:, 0]
+            groups = z[:, 1:1 + x.shape[1]] if match_groups else None
+            patches = z[:, -patch_tokens.shape[1]:] if match_patches else None
         else:
             image = F.normalize(self.encode_image(pixels), dim=-1)
         text = F.normalize(self.encode_text(tokens.reshape(b * n, length)), dim=-1).view(b, n, -1)
         out = {"image": image, "text": text[:, 0], "prompts": text[:, 1:] if n > 1 else None}
         if groups is not None:
             out["groups"] = groups  # [B, G, D] L2-normalised final segments (patches for the plain ViT)
+        if patches is not None:
+            out["patches"] = patches  # [B, N, D] L2-normalised patch tokens entering the first grouping block
         return out
 
     def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +128,7 @@ class GroupViT(nn.Module):
             softmax over the group axis, A_i assigning the tokens entering grouping block i (empty without
             grouping); "grid": (h, w) patch grid of `pixels`.
         """
-        x, soft_maps, grid = self.img_encoder.forward_features(pixels, return_soft=True)  # x [B, G, C]
+        x, soft_maps, grid, _ = self.img_encoder.forward_features(pixels, return_soft=True)  # x [B, G, C]
         image = F.normalize(self.img_projector(x.mean(dim=1)), dim=-1)
         groups = F.normalize(self.img_projector(x), dim=-1)
         return {"image": image, "groups": groups, "soft_maps": soft_maps, "grid": grid}

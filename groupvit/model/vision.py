@@ -63,9 +63,10 @@ class GroupingLayer(nn.Module):
         self.group_projector = group_projector
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, prev_group_token: torch.Tensor | None,
-                return_soft: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x [B, L, C] -> (segments [B, S2, C] (or x), group tokens [B, S1, C] after the blocks, soft map)."""
+    def forward(self, x: torch.Tensor, prev_group_token: torch.Tensor | None, return_soft: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """x [B, L, C] -> (segments [B, S2, C] (or x), group tokens [B, S1, C] after the blocks, soft map,
+        image tokens [B, L, C] after the blocks, i.e. what the GroupingBlock groups)."""
         n = x.shape[1]
         if self.group_token is not None:
             group_token = self.group_token.expand(x.shape[0], -1, -1)
@@ -78,10 +79,10 @@ class GroupingLayer(nn.Module):
             else:
                 x = blk(x)
         x, group_token = (x[:, :n], x[:, n:]) if self.group_token is not None else (x, None)
-        soft = None
+        segments, soft = x, None
         if self.downsample is not None:
-            x, soft = self.downsample(x, group_token, return_soft)
-        return x, group_token, soft
+            segments, soft = self.downsample(x, group_token, return_soft)
+        return segments, group_token, soft, x
 
 
 class GroupViTVisionTransformer(nn.Module):
@@ -104,7 +105,7 @@ class GroupViTVisionTransformer(nn.Module):
             if i < cfg.num_stages - 1:
                 downsample = GroupingBlock(c, cfg.num_heads[i], cfg.num_group_tokens[i], cfg.num_output_groups[i],
                                            cfg.hard_assignment, cfg.gumbel_tau, cfg.assign_eps, cfg.fused_proj,
-                                           cfg.attn_impl)
+                                           cfg.attn_impl, cfg.group_residual)
             if i > 0 and cfg.num_group_tokens[i] > 0:
                 # input count = the previous stage's group tokens (reference; the HF port uses its output groups)
                 projector = nn.Sequential(nn.LayerNorm(c), MixerMlp(cfg.num_group_tokens[i - 1], c // 2,
@@ -133,18 +134,22 @@ class GroupViTVisionTransformer(nn.Module):
             raise ValueError(f"pixels: images must be at least one patch ({self.patch_size} px), found {h}x{w}")
 
     def forward_features(self, pixels: torch.Tensor, return_soft: bool = False
-                         ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
-        """pixels [B, 3, H, W] -> (final normed tokens [B, G, C], soft maps [B, S2_i, L_i] per grouping, grid)."""
+                         ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int], torch.Tensor]:
+        """pixels [B, 3, H, W] -> (final normed tokens [B, G, C], soft maps [B, S2_i, L_i] per grouping, grid,
+        the patch tokens [B, h*w, C] the first stage hands to its grouping block (unnormed; the output for a
+        plain ViT))."""
         self.check_input(pixels)
         x, grid = self.patch_embed(pixels)  # [B, h*w, C]
         # training asserts the size above, so only eval can reach a different grid
         x = x + resize_pos_embed(self.pos_embed, self.grid, grid)
-        group_token, soft_maps = None, []
+        group_token, soft_maps, patch_tokens = None, [], None
         for layer in self.layers:
-            x, group_token, soft = layer(x, group_token, return_soft)
+            x, group_token, soft, image_tokens = layer(x, group_token, return_soft)
+            if patch_tokens is None:
+                patch_tokens = image_tokens
             if soft is not None:
                 soft_maps.append(soft)
-        return self.norm(x), soft_maps, grid
+        return self.norm(x), soft_maps, grid, patch_tokens
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] -> pooled image features [B, C] (mean of the final segment tokens)."""

@@ -269,7 +269,7 @@ def worker(args: argparse.Namespace) -> int:
         first, num_batches, num_samples = loader(0)
         torch.manual_seed(seed)  # the same initial weights whatever the world size (DDP also broadcasts rank 0's)
         model = GroupViT(model_cfg)
-        loss_fn = GroupViTLoss(multi_label=data_cfg.multi_label > 0)
+        loss_fn = GroupViTLoss(multi_label=data_cfg.multi_label > 0, patch_weight=model_cfg.multi_label_patches)
         if model.multi_label_logit_scale is not None and data_cfg.multi_label == 0:
             # no prompts, no multi-label loss: keep the scale out of training (DDP rejects parameters without grads)
             model.multi_label_logit_scale.requires_grad_(False)
