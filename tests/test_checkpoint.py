@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import groupvit
 from groupvit.checkpoint import convert, export_hf, export_official, keymap, save_pretrained
 from groupvit.checkpoint.configs import config_from_hf, config_to_dict, config_to_hf
-from groupvit.errors import DataError
+from groupvit.errors import ConfigError, DataError
 from groupvit.model.config import ModelConfig
 from groupvit.model.groupvit import GroupViT
 from groupvit.model.vision import resize_pos_embed
@@ -112,6 +112,19 @@ def test_hf_config_round_trip():
     cfg = config_from_hf(config_to_hf(CFG, multi_label_logit_scale=2.0), "config.json")
     assert same_architecture(cfg, CFG)
     assert math.isclose(cfg.contrast_temperature, CFG.contrast_temperature)
+
+
+@pytest.mark.parametrize("change, key", [(dict(hard_assignment=False), "model.hard_assignment"),
+                                         (dict(group_residual=0.3), "model.group_residual")])
+def test_hf_export_refuses_what_the_hf_model_cannot_compute(change, key, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, **change)
+    with pytest.raises(ConfigError, match=key):
+        config_to_hf(cfg)
+    with pytest.raises(ConfigError, match=key):
+        export_hf(GroupViT(cfg), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_key_map_is_a_bijection(model):

@@ -230,6 +230,9 @@ def export_hf(model: Any, directory: str | Path, config: ModelConfig | None = No
 def export_official(model: Any, path: str | Path, config: ModelConfig | None = None) -> None:
     """Write the reference layout: a `.pth` with `{"model": state_dict}` (Conv1d heads) and our config, atomically.
 
+    The reference code reads only the weights: switches it does not have (`group_residual`, `multi_label_match`,
+    soft assignment in its own yaml) live in our config inside the file, which `load_pretrained` restores.
+
     Args:
         model: a GroupViT module or any checkpoint path.
         path: the output `.pth` file (replaced if it exists).

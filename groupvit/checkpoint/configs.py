@@ -88,8 +88,16 @@ def config_to_hf(cfg: ModelConfig, multi_label_logit_scale: float | None = None)
     """A transformers `GroupViTConfig` dict for `cfg` (loadable with `GroupViTModel.from_pretrained`).
 
     Raises:
-        ConfigError: the architecture has no HF equivalent (per-stage head counts, a plain ViT without grouping).
+        ConfigError: the architecture has no HF equivalent (per-stage head counts, a plain ViT without grouping, soft
+            assignment or a scaled group residual: the HF port always assigns hard and adds the groups back at 1).
     """
+    if not cfg.hard_assignment:
+        raise ConfigError("model.hard_assignment = false: the HF port always assigns hard (argmax in eval), so the "
+                          "exported model would segment differently; keep this checkpoint in our or the official layout")
+    if cfg.group_residual != 1.0:
+        raise ConfigError(f"model.group_residual = {cfg.group_residual}: the HF port always adds the group tokens back "
+                          "at scale 1, so the exported model would compute something else; keep this checkpoint in "
+                          "our or the official layout")
     if len(set(cfg.num_heads)) != 1:
         raise ConfigError(f"model.num_heads {list(cfg.num_heads)}: the HF port has one head count for all stages")
     if not cfg.has_grouping:

@@ -3,13 +3,15 @@
 Not a DVC stage (a command-line utility; no params section, no metrics). Examples:
 
     groupvit convert group_vit_gcc_yfcc_30e-879422e0.pth data/released          # official -> our folder
-    groupvit convert data/model out/groupvit-hf --to hf                          # ours -> transformers folder
+    groupvit convert data/released out/groupvit-hf --to hf                       # ours -> transformers folder
     groupvit convert out/groupvit-hf released.pth                                # HF -> official .pth
 
 SRC: official `.pth` (`{"model": ...}`), HF GroupViTModel folder or state dict (`.safetensors`/`.bin`), or our
 folder. DST layout: `--to`, else `.pth`/`.pt` -> official and anything else -> groupvit (our folder). Tensors pass
 strict key accounting (a missing, unexpected or mis-shaped tensor is an error that names it) and are written
-atomically: a failed conversion leaves DST as it was. Details: docs/checkpoints.md.
+atomically: a failed conversion leaves DST as it was. The HF model always assigns hard and adds the group tokens
+back at scale 1, so models trained with `hard_assignment: false` or `group_residual` != 1 (the synthetic default)
+stay in our or the official layout (a clear error otherwise). Details: docs/checkpoints.md.
 """
 from __future__ import annotations
 
