@@ -10,7 +10,6 @@ the workspace makes overlapping runs wait (or fail clearly after `prefect.lock_t
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,9 +26,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from groupvit.config import load_section
+from groupvit.errors import DataError
 from pipelines import ablation as ablation_lib
 from pipelines.promotion import Decision, promote_if_better
-from pipelines.tracking import TrackingConfig, resolve_uri
+from pipelines.tracking import MODEL_RECORD, TrackingConfig, read_model_record, resolve_uri
 from pipelines.workspace import (OrchestrationConfig, load_dvc_yaml, read_metric, run_streaming,
                                  stage_metrics, tool_env, workspace_lock)
 
@@ -79,11 +79,14 @@ def repro_stage(stage: str, workdir: str) -> dict[str, Any]:
 
 
 def _trained_model(workdir: Path) -> tuple[str, str]:
-    """(registered model name, version) that the train stage wrote beside the model."""
-    path = workdir / "data/model/mlflow.json"
-    if not path.is_file():
+    """(registered model name, version) that the train stage recorded for the weights now in data/model."""
+    try:
+        info = read_model_record(workdir / "data/model")
+    except DataError as e:
+        raise StageFailed(str(e)) from None
+    path = workdir / "data/model" / MODEL_RECORD
+    if info is None:
         raise StageFailed(f"{path} not found: the train stage records the registered model version there")
-    info = json.loads(path.read_text())
     try:
         return str(info["name"]), str(info["version"])
     except KeyError as e:

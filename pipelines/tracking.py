@@ -11,6 +11,8 @@ reached fails *before* any work with a message naming the URI, instead of after 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import subprocess
 import urllib.error
@@ -23,7 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from groupvit.config import param
-from groupvit.errors import ConfigError
+from groupvit.errors import ConfigError, DataError
 
 # Set before mlflow is imported anywhere in the process: no network calls from a tracking library.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -173,6 +175,59 @@ def dvc_data_hashes(paths: Iterable[str], lock_file: str | os.PathLike[str] = "d
             if path in wanted and digest and path not in found:
                 found[path] = str(digest)
     return found
+
+
+# ---- the record beside trained weights --------------------------------------------------------------------------
+
+MODEL_RECORD = "mlflow.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_model_record(model_dir: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
+    """Write `<model_dir>/mlflow.json`: the MLflow run (and registered version) of the weights in that folder.
+
+    The record is machine-local (run id, absolute tracking and artifact URIs), so `.dvcignore` keeps it out of the
+    folder's DVC hash: two machines that train the same weights write the same dvc.lock, and a shared DVC remote
+    never carries one machine's paths. It is bound to `model.safetensors` by the file's SHA-256, because
+    `dvc checkout` of other weights leaves an ignored file in place; `read_model_record` then refuses it.
+    """
+    path = Path(model_dir) / MODEL_RECORD
+    text = json.dumps({**record, "safetensors_sha256": _file_sha256(Path(model_dir) / "model.safetensors")},
+                      indent=2) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_model_record(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record `write_model_record` left for the weights now in `model_dir`; None when there is none.
+
+    Raises:
+        DataError: the record is not a JSON object, or it belongs to other weights (e.g. after `dvc checkout`).
+    """
+    path = Path(model_dir) / MODEL_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: not valid JSON") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    weights = Path(model_dir) / "model.safetensors"
+    if not weights.is_file() or record.get("safetensors_sha256") != _file_sha256(weights):
+        raise DataError(f"{path} describes other weights than {weights} (its safetensors_sha256 does not match the "
+                        "file): the folder was checked out or replaced after training; `dvc repro train` (or "
+                        "`groupvit train`) writes a record for these weights")
+    return record
 
 
 def register_model(name: str, run_id: str, artifact_path: str = "model") -> str:

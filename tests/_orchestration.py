@@ -60,8 +60,10 @@ TOY_STAGE = textwrap.dedent('''
                                               run_id=run.info.run_id).version
         Path("data/model").mkdir(parents=True, exist_ok=True)
         Path("data/model/quality.txt").write_text(str(cfg["quality"]))
-        Path("data/model/mlflow.json").write_text(json.dumps(
-            {"name": tracking.registered_model, "version": int(version), "run_id": run.info.run_id}))
+        Path("data/model/model.safetensors").write_text(f"weights of quality {cfg['quality']}")
+        from pipelines.tracking import write_model_record
+        write_model_record("data/model", {"name": tracking.registered_model, "version": int(version),
+                                          "run_id": run.info.run_id})
         metrics["loss"] = 1.0 - cfg["quality"]
     if stage == "evaluate":
         metrics["miou"] = float(Path("data/model/quality.txt").read_text())

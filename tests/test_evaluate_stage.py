@@ -16,6 +16,7 @@ from groupvit.model import GroupViT, ModelConfig
 from groupvit.synth import CaptionStyle, WorldSpec, write_world
 from pipelines.stages import evaluate as stage
 from pipelines.stages import segment
+from pipelines.tracking import write_model_record
 
 CATEGORIES = ("tomato", "lemon", "leaf")
 TINY = dict(preset="tiny", image_size=32, embed_dim=32, num_heads=(2, 2, 2), depths=(1, 1, 1), text_width=32,
@@ -38,7 +39,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     save_pretrained(GroupViT(ModelConfig(**TINY)), root / "model")
     baseline = dict(TINY, depths=(2,), num_heads=(2,), num_group_tokens=(0,), num_output_groups=())
     save_pretrained(GroupViT(ModelConfig(**baseline)), root / "baseline")
-    (root / "model" / "mlflow.json").write_text(json.dumps({"registered_model": "groupvit", "version": "3"}))
+    write_model_record(root / "model", {"registered_model": "groupvit", "version": "3"})
     return {"groupvit": root / "model", "vit_pixelwise": root / "baseline"}
 
 

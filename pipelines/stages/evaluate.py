@@ -16,7 +16,7 @@ DVC stage (for dvc.yaml; runs after `train`, and after `train_baseline` when the
 "oracle_miou", "prompt_cosine", "images_per_s", ...}, "all_background_miou": ...}, "classification": {...},
 "comparison": {"<data set>": {"<model>_over_<baseline>": ratio}}}`. MLflow: one run `evaluate` with the same figures
 as metrics (`<data set>/<model>/<name>`), the pictures and the tables as artifacts, tagged with the model's
-registered version when `data/model/mlflow.json` exists.
+registered version when `data/model/mlflow.json` exists and belongs to the weights there (else a warning, no tags).
 """
 from __future__ import annotations
 
@@ -376,17 +376,17 @@ def mlflow_logger(tracking_cfg: Any, cfg: EvaluateConfig, seed: int) -> Callable
     def log_run(results: dict, pictures: list[Path], tables: list[Path]) -> None:
         import mlflow
 
-        from pipelines.tracking import git_commit, start_run
+        from pipelines.tracking import git_commit, read_model_record, start_run
 
         tags = {"stage": "evaluate", "git_commit": git_commit()}
         for spec in cfg.models:
-            info = Path(spec.path) / "mlflow.json"
-            if info.is_file():
-                try:
-                    meta = json.loads(info.read_text())
-                except json.JSONDecodeError:
-                    raise DataError(f"{info}: not valid JSON") from None
-                tags.update({f"{spec.name}.{k}": str(v) for k, v in meta.items() if not isinstance(v, (dict, list))})
+            try:  # a stale or broken record loses the tags, never the evaluation
+                meta = read_model_record(spec.path) if Path(spec.path).is_dir() else None
+            except DataError as e:
+                log.warning("%s: not tagged with its MLflow record: %s", spec.name, e)
+                meta = None
+            tags.update({f"{spec.name}.{k}": str(v) for k, v in (meta or {}).items()
+                         if not isinstance(v, (dict, list))})
         with start_run(tracking_cfg, "evaluate", tags=tags, log_system_metrics=False):
             mlflow.log_params({k: str(v)[:500] for k, v in flat_dict({"evaluate": cfg}).items()})
             mlflow.log_param("base.seed", seed)

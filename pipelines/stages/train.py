@@ -8,7 +8,8 @@ DVC stage (for dvc.yaml; after `nouns`):
     params:  base.seed, model, data, train, tracking (whole sections)
     outs:    data/train   (persist: true, cache: false; checkpoints/step_XXXXXX.pt + checkpoints/latest, so a
                            killed `dvc repro` resumes instead of restarting; resolved_config.yaml, mlflow_run.json)
-             data/model   (model.safetensors, config.json, resolved_config.yaml, mlflow.json)
+             data/model   (model.safetensors, config.json, resolved_config.yaml; mlflow.json, the run and registered
+                           version of these weights, is machine-local and kept out of the DVC hash by .dvcignore)
     metrics: metrics/train.json (cache: false)
     plots:   metrics/train_loss.csv (cache: false; x: step, y: loss, loss_itc, loss_ml, lr)
 
@@ -41,7 +42,7 @@ from groupvit.config import flat_dict, read_params, save_resolved, to_dict
 from groupvit.errors import ConfigError
 from groupvit.training.config import TrainConfig
 from pipelines.common import load, run_stage, stage_parser
-from pipelines.tracking import TrackingConfig
+from pipelines.tracking import TrackingConfig, write_model_record
 
 log = logging.getLogger("groupvit.train")
 CURVE_FIELDS = ("step", "loss", "loss_itc", "loss_ml", "lr")
@@ -307,7 +308,7 @@ def worker(args: argparse.Namespace) -> int:
                 _write_atomic(metrics_dir / "train_loss.csv", curve_csv(result.curve))
                 registered = tracker.finish(model_dir, metrics, metrics_dir / "train_loss.csv")
                 if registered:
-                    _write_atomic(model_dir / "mlflow.json", json.dumps(registered, indent=2) + "\n")
+                    write_model_record(model_dir, registered)
                 _write_atomic(metrics_dir / "train.json", json.dumps(metrics, indent=2) + "\n")
                 print(f"train: {result.step} steps, final loss {result.final_loss:.4f}, "
                       f"{result.images_per_s:.1f} images/s, {result.wall_s:.0f} s; model in {model_dir}"
