@@ -34,7 +34,15 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]  # (pixels [B,3,S,S], tokens [B,1+K,L])
 BatchSource = Callable[[int], Iterable[Batch]]  # epoch -> that epoch's batches (same count on every rank)
 LogFn = Callable[[int, dict[str, float]], None]
-_BUDGET_PROBE_STEPS = 5  # steps timed (after the first) to fit the plan into `max_minutes`
+# The budget probe times steps _BUDGET_PROBE_AFTER+1 .. _BUDGET_PROBE_AFTER+_BUDGET_PROBE_STEPS. The first steps are
+# slow while the loader workers, the allocator and MLflow's system-metrics thread start: on 2 cores, timing steps 2-6
+# gave 0.45-0.62 s/step in three runs against 0.40 steady, so a budgeted run planned up to a third too few steps;
+# steps 6-15 gave 0.38-0.44 in four.
+_BUDGET_PROBE_AFTER = 5
+_BUDGET_PROBE_STEPS = 10
+# Checkpoints, metric logs and step-to-step noise are not in the probed steps: planning for all the time left overran a
+# 2-minute budget at step 290 of 314 (cosine unfinished); 90% of it finishes in time.
+_BUDGET_SHARE = 0.9
 
 
 class NonFiniteLossError(RuntimeError):
@@ -302,15 +310,15 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
                 window_steps += 1
                 bar.update(step)
 
-                # fit the plan into the wall-clock budget: time a few steps after the first, then fix the total
-                if not plan_fixed and probe is None and step == 1:
-                    bad.item()  # sync once so the timer starts after step 1 really finished
+                # fit the plan into the wall-clock budget: time a few steps after the warm-up, then fix the total
+                if not plan_fixed and probe is None and step == _BUDGET_PROBE_AFTER:
+                    bad.item()  # sync once so the timer starts after the warm-up steps really finished
                     probe = (step, time.perf_counter())
                 elif not plan_fixed and probe is not None and step == probe[0] + _BUDGET_PROBE_STEPS:
                     bad.item()
                     per_step = (time.perf_counter() - probe[1]) / _BUDGET_PROBE_STEPS
                     left = cfg.max_minutes * 60 - (time.perf_counter() - t_start)
-                    fit_steps = step + max(0, int(left / per_step))
+                    fit_steps = step + max(0, int(_BUDGET_SHARE * left / per_step))
                     planned = broadcast_object(min(planned, max(step, fit_steps)), info)
                     # a shortened plan keeps a cosine phase: warm-up at most a fifth of it
                     warmup = min(warmup, max(1, planned // 5)) if planned < schedule.total_steps else warmup
