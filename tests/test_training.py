@@ -257,16 +257,15 @@ def test_a_time_budget_fixes_the_plan_in_the_checkpoint(tmp_path):
 def test_the_budget_probe_skips_the_slow_first_steps():
     """Loader workers and tracking threads make the first steps slow; timing them planned a third fewer steps than
     the budget allowed. Here the first 4 steps take 0.25 s each and the rest a few ms: a 3.6 s budget fits all 40
-    (timing steps 2-6 instead planned 14 on the 2-core dev machine)."""
+    (timing steps 2-6 instead planned 15 on the 2-core dev machine)."""
     def slow_start(epoch):
-        for i, b in enumerate(batches(epoch, n=10)):
-            if epoch == 0 and i < 4:
+        for i, b in enumerate(batches(epoch)):
+            if epoch * 3 + i < 4:  # the batches of steps 1-4 (3 per epoch)
                 time.sleep(0.25)
             yield b
 
-    cfg = train_cfg(steps=40, max_minutes=0.06, ckpt_every=100, log_every=100)
-    result = fit(micro_model(), GroupViTLoss(multi_label=True), slow_start, cfg=cfg, steps_per_epoch=10,
-                 info=DistInfo(), device=torch.device("cpu"), seed=0, checkpoint_dir=None, progress=False)
+    result = run(micro_model(), train_cfg(steps=40, max_minutes=0.06, ckpt_every=100, log_every=100),
+                 source=slow_start)
     assert result.planned_steps == 40 and result.step == 40 and not result.stopped_by_budget
 
 
