@@ -281,6 +281,48 @@ def test_a_budget_that_fits_trains_exactly_the_unbudgeted_run():
         assert torch.equal(value, capped_params[name]), name
 
 
+class FakeClock:
+    """The time a machine would show: each batch drawn costs `step_s` seconds (no real waiting)."""
+
+    def __init__(self, step_s: float):
+        self.now, self.step_s = 0.0, step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def batches(self, epoch: int):
+        for b in batches(epoch):
+            self.now += self.step_s
+            yield b
+
+
+def test_the_default_length_does_not_depend_on_how_busy_the_machine_is():
+    """params.yaml's `train` section trains a fixed length: a CPU hog (here a minute per step) plans and trains the
+    same steps, and ends with the same weights, as an idle machine. With the old 7-minute default cap the busy run
+    planned 15 of 20 steps (a fresh clone's make repro beside another job planned 62 of 625 and lost 52 mIoU)."""
+    from groupvit.config import load_section
+
+    default = load_section(TrainConfig, "params.yaml", "train")
+    cfg = train_cfg(steps=20, ckpt_every=100, log_every=100, max_minutes=default.max_minutes)
+    idle, busy, clock = micro_model(), micro_model(), FakeClock(60.0)
+    a = run(idle, cfg)
+    b = run(busy, cfg, source=clock.batches, clock=clock)
+    assert a.planned_steps == b.planned_steps == 20 and a.step == b.step == 20 and not b.stopped_by_budget
+    busy_params = params_of(busy)
+    for name, value in params_of(idle).items():
+        assert torch.equal(value, busy_params[name]), name
+
+
+def test_a_budget_the_user_asks_for_plans_from_the_measured_step_time():
+    """With `max_minutes` set, the plan is what fits: at 0.5 s per step a 1-minute budget plans 15 steps, then 90% of
+    the 52.5 s left at the probe's 0.5 s/step, 109 in all, and finishes them in time."""
+    clock = FakeClock(0.5)
+    result = run(micro_model(), train_cfg(steps=1000, max_minutes=1.0, ckpt_every=1000, log_every=1000),
+                 source=clock.batches, clock=clock)
+    assert result.planned_steps == 15 + int(0.9 * (60 - 15 * 0.5) / 0.5) == 109
+    assert result.step == 109 and not result.stopped_by_budget
+
+
 def test_a_finished_or_reconfigured_run_starts_afresh_instead_of_resuming(tmp_path):
     first = run(micro_model(), train_cfg(steps=4), tmp_path, run_config={"train.lr": 1e-3})
     again = run(micro_model(), train_cfg(steps=4), tmp_path, run_config={"train.lr": 1e-3})

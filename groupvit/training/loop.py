@@ -160,7 +160,8 @@ class _Progress:
 def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batches: BatchSource, *,
         cfg: TrainConfig, steps_per_epoch: int, info: DistInfo, device: torch.device, seed: int,
         checkpoint_dir: str | Path | None = None, run_config: dict[str, Any] | None = None,
-        log_fn: LogFn | None = None, progress: bool = True) -> TrainResult:
+        log_fn: LogFn | None = None, progress: bool = True,
+        clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     """Train `model` as the reference recipe does; resume from `checkpoint_dir` when it holds a checkpoint.
 
     Args:
@@ -177,6 +178,8 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
         run_config: the resolved configuration, stored in every checkpoint.
         log_fn: called on rank 0 as `log_fn(step, metrics)` on every log step.
         progress: show the progress bar / log lines on rank 0.
+        clock: seconds, monotonic; what the wall-clock budget (`cfg.max_minutes`) and images/s are measured with
+            (injected by tests to play a busy or a fast machine).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (checked on every log and checkpoint step).
@@ -184,7 +187,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, found {steps_per_epoch} (too few batches for grad_accum "
                          f"{cfg.grad_accum})")
-    t_start = time.perf_counter()
+    t_start = clock()
     planned = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_epochs * steps_per_epoch)
     factor = cfg.lr_factor(info.world_size)
@@ -242,7 +245,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
     images_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
     window = torch.zeros(3, device=device)  # running sums of (loss, loss_itc, loss_ml) since the last log step
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
-    window_steps, t_window, last_good, stopped_by_budget = 0, time.perf_counter(), step, False
+    window_steps, t_window, last_good, stopped_by_budget = 0, clock(), step, False
     metrics: dict[str, float] = {}
     probe: tuple[int, float] | None = None
     grad_norm = torch.zeros((), device=device)
@@ -313,11 +316,11 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
                 # fit the plan into the wall-clock budget: time a few steps after the warm-up, then fix the total
                 if not plan_fixed and probe is None and step == _BUDGET_PROBE_AFTER:
                     bad.item()  # sync once so the timer starts after the warm-up steps really finished
-                    probe = (step, time.perf_counter())
+                    probe = (step, clock())
                 elif not plan_fixed and probe is not None and step == probe[0] + _BUDGET_PROBE_STEPS:
                     bad.item()
-                    per_step = (time.perf_counter() - probe[1]) / _BUDGET_PROBE_STEPS
-                    left = cfg.max_minutes * 60 - (time.perf_counter() - t_start)
+                    per_step = (clock() - probe[1]) / _BUDGET_PROBE_STEPS
+                    left = cfg.max_minutes * 60 - (clock() - t_start)
                     fit_steps = step + max(0, int(_BUDGET_SHARE * left / per_step))
                     planned = broadcast_object(min(planned, max(step, fit_steps)), info)
                     # a shortened plan keeps a cosine phase: warm-up at most a fifth of it
@@ -336,11 +339,11 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
                 if is_log or is_ckpt:
                     # a hard stop only once the plan is fixed, so every checkpoint carries the final plan
                     over_budget = (plan_fixed and cfg.max_minutes > 0 and step < planned
-                                   and time.perf_counter() - t_start > cfg.max_minutes * 60)
+                                   and clock() - t_start > cfg.max_minutes * 60)
                     stop = check(stop=over_budget)
                     last_good = step
                     if is_log or stop:
-                        now = time.perf_counter()
+                        now = clock()
                         means = all_reduce_mean(window / max(window_steps, 1), info).tolist()
                         scale, ml_scale = (float(s.detach()) for s in model.logit_scales())
                         metrics = {"loss": means[0], "loss_itc": means[1], "loss_ml": means[2], "lr": lr,
@@ -368,7 +371,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
     finally:
         bar.close()
 
-    wall = time.perf_counter() - t_start
+    wall = clock() - t_start
     done = step - (resumed_from or 0)
     return TrainResult(step=step, planned_steps=planned, final_loss=metrics.get("loss", float("nan")),
                        images_per_s=images_per_step * done / max(wall, 1e-9), wall_s=wall,

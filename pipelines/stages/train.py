@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -301,8 +302,12 @@ def worker(args: argparse.Namespace) -> int:
             if info.is_main:
                 model_dir, metrics_dir = Path(args.model_dir), Path(args.metrics_dir)
                 publish_model(model_dir, model.state_dict(), model_cfg, configs)
+                # a wall-clock budget is the only thing that lets the machine's speed decide the length: say so
+                full = train_cfg.steps or math.ceil(train_cfg.epochs * steps_per_epoch)
+                planned_by = "time budget" if result.planned_steps < full else "length"
                 metrics = {"final_loss": result.final_loss, "steps": result.step,
-                           "planned_steps": result.planned_steps, "images_per_s": round(result.images_per_s, 3),
+                           "planned_steps": result.planned_steps, "planned_by": planned_by,
+                           "max_minutes": train_cfg.max_minutes, "images_per_s": round(result.images_per_s, 3),
                            "wall_s": round(result.wall_s, 1), "stopped_by_budget": result.stopped_by_budget,
                            "world_size": info.world_size, "global_batch": extra["global_batch"]}
                 _write_atomic(metrics_dir / "train_loss.csv", curve_csv(result.curve))
@@ -310,6 +315,9 @@ def worker(args: argparse.Namespace) -> int:
                 if registered:
                     write_model_record(model_dir, registered)
                 _write_atomic(metrics_dir / "train.json", json.dumps(metrics, indent=2) + "\n")
+                if planned_by == "time budget":
+                    print(f"train: the {train_cfg.max_minutes:g}-minute budget (train.max_minutes) planned "
+                          f"{result.planned_steps} of {full} steps; the result depends on this machine's speed")
                 print(f"train: {result.step} steps, final loss {result.final_loss:.4f}, "
                       f"{result.images_per_s:.1f} images/s, {result.wall_s:.0f} s; model in {model_dir}"
                       + (f", registered as {registered['model_uri']}" if registered and "model_uri" in registered
