@@ -2,7 +2,8 @@
 
 Every stage owns a frozen dataclass. `load_section` reads the YAML file, applies `--set section.key=value`
 overrides, and builds the dataclass, rejecting unknown keys, wrong types and out-of-range values *before* any work
-starts, with an error that names the file, the key, what was expected and what was found.
+starts, with an error that names the file, the key, what was expected and what was found. A top-level section no
+module reads (`KNOWN_SECTIONS`), in the file or in `--set`, is refused the same way; an empty section is warned.
 
 Range and choice constraints live in the field metadata, declared with `param(...)`:
 
@@ -15,7 +16,9 @@ Range and choice constraints live in the field metadata, declared with `param(..
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import re
 import types
@@ -28,6 +31,13 @@ import yaml
 from groupvit.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Every top-level section of params.yaml that some stage or module reads (stages, pipelines.flows/serve/ablation).
+# Anything else, in the file or in `--set`, is a typo (`trian.steps=3`) or a key that lost its indentation, and would
+# otherwise be ignored while the stage runs with the defaults: read_params refuses it.
+KNOWN_SECTIONS = ("base", "synth", "download", "nouns", "data", "model", "train", "evaluate", "tracking", "prefect",
+                  "ablate")
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 8e-4, 1E+3: YAML 1.1 strings
@@ -42,6 +52,13 @@ def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, le: fl
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple default, configs are frozen")
     return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    """The shared `base` section of params.yaml (optional: a params file without it gets the defaults)."""
+
+    seed: int = param(0, ge=0, help="seed of every random choice of every stage")
 
 
 def _type_name(tp: Any) -> str:
@@ -154,6 +171,13 @@ def build(cls: type[T], section: typing.Mapping[str, Any] | None, where: str) ->
     return obj
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A PyYAML error as one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
     """`["train.lr=0.001", "model.depths=[2,2]"]` -> [(["train", "lr"], 0.001), ...] (values parsed as YAML)."""
     parsed = []
@@ -164,29 +188,50 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
         path = key.strip().split(".")
         if len(path) < 2 or not all(path):
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        parsed.append((path, yaml.safe_load(raw) if raw.strip() else ""))
+        if path[0] not in KNOWN_SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section {path[0]!r} (known sections: "
+                              f"{', '.join(KNOWN_SECTIONS)})")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(e)})") from None
+        parsed.append((path, value))
     return parsed
 
 
 def read_params(params_file: str | os.PathLike[str], overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """The whole params file as a dict, with overrides applied."""
+    """The whole params file as a dict, with overrides applied; unknown sections (file or `--set`) are refused."""
     path = Path(params_file)
+    parsed = parse_overrides(overrides)  # a bad --set is reported even when the file is the problem too
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for keys, value in parse_overrides(overrides):
+    unknown = [k for k in raw if k not in KNOWN_SECTIONS]
+    if unknown:
+        hint = "" if isinstance(raw[unknown[0]], dict) else "; a key of the section above that lost its indentation?"
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r} (known sections: {', '.join(KNOWN_SECTIONS)})"
+                          f"{hint}")
+    for keys, value in parsed:
         node = raw
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # absent, or an empty section (`train:` with nothing under it)
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: --set {'.'.join(keys)}: {k} is not a mapping")
         node[keys[-1]] = value
     return raw
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_empty_section(params_file: str, section: str) -> None:
+    """Once per file and section: stages load their sections more than once (the train stage: parent and worker)."""
+    log.warning("%s: section '%s' is empty: every %s key takes its default", params_file, section, section)
 
 
 def load_section(cls: type[T], params_file: str | os.PathLike[str], section: str,
@@ -197,6 +242,11 @@ def load_section(cls: type[T], params_file: str | os.PathLike[str], section: str
         if required:
             raise ConfigError(f"{params_file}: missing section '{section}' (sections found: {', '.join(raw)})")
         return build(cls, {}, f"{params_file}: {section}")
+    if raw[section] is None:
+        # Warned, not refused: a section left empty is what commenting out all its keys leaves, and "all defaults"
+        # is then what was meant. The harmful look-alike, keys that lost their indentation under `train:`, puts
+        # them at the top level, where read_params refuses them as unknown sections.
+        _warn_empty_section(str(params_file), section)
     return build(cls, raw[section], f"{params_file}: {section}")
 
 

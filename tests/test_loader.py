@@ -1,11 +1,15 @@
 """The training loader: shapes, prompts, skipped bad samples, clear errors, disjoint equal streams under torchrun."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +115,72 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     assert len(batches) == num_batches  # the endless stream fills the epoch anyway
     skipped = loader_module.skipped_samples()
     assert sum(skipped.values()) >= 3 and set(skipped) <= {"OSError", "UnidentifiedImageError", "ValueError"}
+
+
+class DeadlinePassed(BaseException):
+    """Not an Exception: the loader's skip handlers must not swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the block runs longer than `seconds`: a generous safety bound."""
+    def expire(*_):
+        raise DeadlinePassed(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_all_corrupt_shards_end_with_a_data_error_naming_them(tmp_path, workers):
+    # the shard stream is endless: without a bound this loops forever, skipping
+    shards, nouns = make_shards(tmp_path, {n: b"not an image" for n in range(N_SHARDS * PER_SHARD)})
+    cfg = DataConfig(image_size=16, multi_label=3, shuffle_buffer=4, num_workers=workers)
+    loader, _, _ = make_train_loader(shards, nouns, cfg, batch_size=4, rank=0, world_size=1, seed=0,
+                                     context_length=16)
+    t0 = time.monotonic()
+    with deadline(60), pytest.raises(DataError) as e:
+        list(loader)
+    assert time.monotonic() - t0 < 60
+    msg = str(e.value)
+    assert f"the last {loader_module.MAX_CONSECUTIVE_SKIPS} samples read in a row could not be used" in msg
+    assert str(shards / "0000") in msg and ".tar (" in msg  # the shards, with their skip counts
+    assert "e.g. sample '0000" in msg and "UnidentifiedImageError" in msg  # an example key and the reason
+    assert "groupvit download" in msg  # what to do
+
+
+def test_mostly_corrupt_data_ends_with_a_data_error(tmp_path):
+    # 3 of every 4 images corrupt: never many in a row, but most of what is read is skipped
+    shards, nouns = make_shards(tmp_path, {n: b"not an image" for n in range(N_SHARDS * PER_SHARD) if n % 4})
+    loader, _, _ = make_train_loader(shards, nouns, CFG, batch_size=4, rank=0, world_size=1, seed=0,
+                                     context_length=16)
+    with deadline(60), pytest.raises(DataError, match=f"of the last {loader_module.SKIP_WINDOW} samples read could "
+                                                      f"not be used .*shards/0000"):
+        for _ in range(100):  # one epoch reads 4 passes of 32: the window of 1000 fills in the 8th epoch
+            list(loader)
+
+
+def test_skips_are_counted_across_worker_processes_and_logged_with_shard_and_key(tmp_path, caplog):
+    bad = {3: _jpeg(3)[:200], 9: b"definitely not an image", 20: b""}
+    shards, nouns = make_shards(tmp_path, bad)
+    cfg = DataConfig(image_size=16, multi_label=3, shuffle_buffer=0, num_workers=2)
+    counter = loader_module.shared_skip_counter()
+    loader, num_batches, _ = make_train_loader(shards, nouns, cfg, batch_size=4, rank=0, world_size=1, seed=0,
+                                               context_length=16, skip_counter=counter)
+    assert len(list(loader)) == num_batches
+    assert counter.value >= 3  # counted in the two worker processes, read here
+
+    with caplog.at_level(logging.WARNING, logger="groupvit.data.loader"):  # in-process: the log is visible here
+        inline, _, _ = make_train_loader(shards, nouns, CFG, batch_size=4, rank=0, world_size=1, seed=0,
+                                         context_length=16)
+        list(inline)
+    assert f"sample '000000003' of {shards / '00000.tar'}" in caplog.text
+    assert f"sample '000010001' of {shards / '00001.tar'}" in caplog.text
 
 
 def test_missing_sidecar_or_entry_fails_naming_it(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,59 @@ def test_mismatched_image_sizes_are_a_config_error(tmp_path, world, capsys):
     params = write_params(tmp_path, world)
     assert stage.main(stage_args(tmp_path, params) + ["--set", "data.image_size=64"]) == 2
     assert "data.image_size (64) must equal the model's image_size (32" in capsys.readouterr().err
+
+
+def corrupt_copy(world: Path, dst: Path, bad: set[int] | None = None) -> Path:
+    """`world`'s shards and sidecars under `dst`, with the image of samples `bad` (all when None) made undecodable."""
+    (dst / "shards").mkdir(parents=True), shutil.copytree(world / "nouns", dst / "nouns")
+    n = 0
+    for tar in sorted((world / "shards").glob("*.tar")):
+        with wds.TarWriter(str(dst / "shards" / tar.name), mtime=0) as out:
+            for sample in wds.WebDataset(str(tar), shardshuffle=False):
+                if bad is None or n in bad:
+                    sample["jpg"] = b"\xff\xd8 not a jpeg"
+                out.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+                n += 1
+    return dst
+
+
+class DeadlinePassed(BaseException):
+    """Not an Exception: the loader's skip handlers must not swallow it."""
+
+
+def _expire(*_):
+    raise DeadlinePassed("the stage still ran after 60 s")
+
+
+def test_all_corrupt_shards_stop_the_stage_with_one_line_naming_them(tmp_path, world, capsys):
+    data = corrupt_copy(world, tmp_path / "bad")
+    params = write_params(tmp_path, world)
+    overrides = ["--set", f"data.shards_dir={data / 'shards'}", "--set", f"data.nouns_dir={data / 'nouns'}",
+                 "--set", "data.num_workers=1"]  # raised in a loader worker, re-raised in the stage's process
+    old = signal.signal(signal.SIGALRM, _expire)
+    signal.alarm(60)  # a generous bound: without one the endless shard stream skips forever
+    try:
+        rc = stage.main(stage_args(tmp_path, params) + overrides)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert rc == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "samples read in a row could not be used" in errors[0]
+    assert str(data / "shards" / "0000") in errors[0] and "e.g. sample '" in errors[0]
+    assert not (tmp_path / "model").exists() and not (tmp_path / "metrics/train.json").exists()
+
+
+def test_a_few_corrupt_samples_are_skipped_and_counted_in_metrics(tmp_path, world):
+    data = corrupt_copy(world, tmp_path / "bad", bad={3, 17})
+    params = write_params(tmp_path, world, steps=4)  # 4 batches of 8 from 32 - 2 good samples: a second pass
+    overrides = ["--set", f"data.shards_dir={data / 'shards'}", "--set", f"data.nouns_dir={data / 'nouns'}",
+                 "--set", "data.num_workers=1", "--set", "tracking.registered_model="]
+    assert stage.main(stage_args(tmp_path, params) + overrides) == 0
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert metrics["steps"] == 4 and metrics["skipped_samples"] >= 2  # counted in the worker, read by rank 0
 
 
 def test_tracking_uri_precedence_checks_and_dvc_hashes(tmp_path, monkeypatch):

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from groupvit.config import build, param, read_params, save_resolved
+from groupvit.config import param, save_resolved
 from groupvit.synth import CATEGORY_NAMES, CaptionStyle, WorldSpec, atomic_dir, write_world
-from pipelines.common import load, run_stage, stage_parser
+from pipelines.common import load, load_base, run_stage, stage_parser
 
 # Sizes a preset fills in when the params leave them unset. `default` fits the CPU training budget (tens of
 # thousands of 64 px images); `tiny` is for tests and smoke runs.
@@ -31,12 +31,6 @@ PRESETS = {
     "default": {"num_train": 40000, "num_val": 200, "num_test": 500, "image_size": 64},
     "tiny": {"num_train": 64, "num_val": 8, "num_test": 8, "image_size": 32},
 }
-
-
-@dataclass(frozen=True)
-class BaseConfig:
-    """The keys of the shared `base` section this stage reads."""
-    seed: int = param(0, ge=0, help="seed of every random choice")
 
 
 @dataclass(frozen=True)
@@ -129,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = load(SynthConfig, args, "synth")
-        base_section = read_params(args.params, args.overrides).get("base")
-        if isinstance(base_section, dict):  # other stages may add keys to `base`; read only ours
-            base_section = {k: v for k, v in base_section.items() if k in BaseConfig.__dataclass_fields__}
-        base = build(BaseConfig, base_section, f"{args.params}: base")
+        base = load_base(args)
         workers = cfg.workers or usable_cpus()
         counts = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
         out = Path(cfg.out_dir)

@@ -39,10 +39,10 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from groupvit.config import flat_dict, read_params, save_resolved, to_dict
+from groupvit.config import flat_dict, save_resolved, to_dict
 from groupvit.errors import ConfigError
 from groupvit.training.config import TrainConfig
-from pipelines.common import load, run_stage, stage_parser
+from pipelines.common import load, load_base, run_stage, stage_parser
 from pipelines.tracking import TrackingConfig, write_model_record
 
 log = logging.getLogger("groupvit.train")
@@ -71,14 +71,6 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: torchrun when train.nproc > 1; torchrun: always; none: this process only")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the launcher for each rank
     return p
-
-
-def base_seed(args: argparse.Namespace) -> int:
-    base = read_params(args.params, args.overrides).get("base") or {}
-    seed = base.get("seed", 0) if isinstance(base, dict) else None
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{args.params}: base.seed: expected int, found {seed!r}")
-    return seed
 
 
 def resolve_nproc(nproc: int | str) -> int:
@@ -227,18 +219,19 @@ def worker(args: argparse.Namespace) -> int:
     """One training process (rank 0 of 1 when run plainly)."""
     import torch
 
-    from groupvit.data.loader import DataConfig, make_train_loader
+    from groupvit.data.loader import DataConfig, make_train_loader, shared_skip_counter
     from groupvit.losses import GroupViTLoss
     from groupvit.model import GroupViT, ModelConfig
     from groupvit.training import destroy_distributed, fit, init_distributed, will_resume
-    from groupvit.training.distributed import device_for
+    from groupvit.training.distributed import all_gather_object, device_for
 
     train_cfg = load(TrainConfig, args, "train")
     model_cfg = load(ModelConfig, args, "model")
     data_cfg = load(DataConfig, args, "data")
     track_cfg = load(TrackingConfig, args, "tracking")
-    seed = base_seed(args)
-    configs = {"base": {"seed": seed}, "model": model_cfg, "data": data_cfg, "train": train_cfg,
+    base_cfg = load_base(args)
+    seed = base_cfg.seed
+    configs = {"base": base_cfg, "model": model_cfg, "data": data_cfg, "train": train_cfg,
                "tracking": track_cfg}
     if data_cfg.image_size != model_cfg.image_size:
         raise ConfigError(f"{args.params}: data.image_size ({data_cfg.image_size}) must equal the model's image_size "
@@ -262,11 +255,13 @@ def worker(args: argparse.Namespace) -> int:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
 
+        skips = shared_skip_counter()  # bad samples skipped by this rank's loaders, in all their worker processes
+
         def loader(epoch: int):
             nouns = data_cfg.nouns_dir if data_cfg.multi_label else None
             return make_train_loader(data_cfg.shards_dir, nouns, data_cfg, batch_size=train_cfg.batch_size,
                                      rank=info.rank, world_size=info.world_size, seed=seed + epoch,
-                                     context_length=model_cfg.context_length)
+                                     context_length=model_cfg.context_length, skip_counter=skips)
 
         first, num_batches, num_samples = loader(0)
         torch.manual_seed(seed)  # the same initial weights whatever the world size (DDP also broadcasts rank 0's)
@@ -299,6 +294,9 @@ def worker(args: argparse.Namespace) -> int:
             result = fit(model, loss_fn, batches, cfg=train_cfg, steps_per_epoch=steps_per_epoch, info=info,
                          device=device, seed=seed, checkpoint_dir=train_dir, run_config=run_config,
                          log_fn=tracker.log_metrics)
+            # every rank's count (collective: after fit, which all ranks leave together); it includes samples the
+            # workers read ahead of the last step
+            skipped = sum(all_gather_object(skips.value, info))
             if info.is_main:
                 model_dir, metrics_dir = Path(args.model_dir), Path(args.metrics_dir)
                 publish_model(model_dir, model.state_dict(), model_cfg, configs)
@@ -309,7 +307,8 @@ def worker(args: argparse.Namespace) -> int:
                            "planned_steps": result.planned_steps, "planned_by": planned_by,
                            "max_minutes": train_cfg.max_minutes, "images_per_s": round(result.images_per_s, 3),
                            "wall_s": round(result.wall_s, 1), "stopped_by_budget": result.stopped_by_budget,
-                           "world_size": info.world_size, "global_batch": extra["global_batch"]}
+                           "world_size": info.world_size, "global_batch": extra["global_batch"],
+                           "skipped_samples": skipped}
                 _write_atomic(metrics_dir / "train_loss.csv", curve_csv(result.curve))
                 registered = tracker.finish(model_dir, metrics, metrics_dir / "train_loss.csv")
                 if registered:
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         from groupvit.model import ModelConfig
 
         train_cfg = load(TrainConfig, args, "train")  # validate every section before spawning processes
-        load(ModelConfig, args, "model"), load(DataConfig, args, "data"), base_seed(args)
+        load(ModelConfig, args, "model"), load(DataConfig, args, "data"), load_base(args)
         nproc = resolve_nproc(train_cfg.nproc)
         if not args.worker and (args.launcher == "torchrun" or (args.launcher == "auto" and nproc > 1)):
             from pipelines.tracking import check_reachable, resolve_uri
