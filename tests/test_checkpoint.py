@@ -298,3 +298,132 @@ def test_cli_architecture_options(tmp_path):
     assert json.loads((tmp_path / "given" / "config.json").read_text())["num_heads"] == [4, 4, 4]
     (tmp_path / "bad.json").write_text(json.dumps({"embed_dims": 3}))
     assert cli.main(["convert", str(bare), str(tmp_path / "x"), "--config", str(tmp_path / "bad.json")]) == 2
+
+
+# ---- the reference's training checkpoint: architecture from its embedded OmegaConf config -------------------------
+
+def reference_config(cfg: ModelConfig, **img_encoder):
+    """The training config NVlabs/GroupViT pickles into its checkpoints (an OmegaConf DictConfig, read-only, with the
+    `multi_label` interpolation of its yaml files), for the architecture `cfg`."""
+    omegaconf = pytest.importorskip("omegaconf")
+    vision = dict(type="GroupViT", img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                  num_heads=list(cfg.num_heads), depths=list(cfg.depths), num_group_tokens=list(cfg.num_group_tokens),
+                  num_output_groups=list(cfg.num_output_groups), drop_rate=0.0, drop_path_rate=0.1, **img_encoder)
+    oc = omegaconf.OmegaConf.create({
+        "data": {"batch_size": 256, "seed": "${train.seed}", "text_aug": {"max_seq_len": 77, "multi_label": 3}},
+        "train": {"seed": 0, "epochs": 30, "base_lr": 1.6e-3, "amp_opt_level": "O1"},
+        "model": {"type": "MultiLabelContrastive", "img_encoder": vision,
+                  "text_encoder": {"type": "TextTransformer", "context_length": cfg.context_length,
+                                   "width": cfg.text_width, "layers": cfg.text_layers, "vocab_size": cfg.vocab_size},
+                  "contrast_temperature": 0.07, "proj_num_layers": 2, "output_dim": cfg.output_dim,
+                  "multi_label": "${data.text_aug.multi_label}"},
+        "checkpoint": {"resume": "", "max_kept": -1}, "output": "???", "model_name": "group_vit_bs256x8"})
+    omegaconf.OmegaConf.set_struct(oc, True)
+    omegaconf.OmegaConf.set_readonly(oc, True)
+    return oc
+
+
+def save_reference_checkpoint(model: GroupViT, path, config) -> None:
+    """What the reference's `save_checkpoint` writes: weights, optimizer, scheduler, metrics (mmseg's mIoU is a numpy
+    float), epoch and the training config in one pickle."""
+    import numpy as np
+
+    metrics = {"max_accuracy": 43.7, "max_miou": np.float64(52.3)}
+    torch.save({"model": keymap.ours_to_official(model.state_dict()),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "weight_decay": 0.05}]},
+                "lr_scheduler": {"t_initial": 30, "warmup_t": 2}, "metrics": metrics, "epoch": 29, "config": config,
+                **metrics}, path)
+
+
+@pytest.mark.parametrize("change", [dict(num_heads=(4, 4, 4)), dict(num_heads=(2, 2, 2), hard_assignment=False)],
+                         ids=["4_heads_at_width_128", "soft_assignment"])
+def test_reference_checkpoint_loads_the_architecture_it_was_trained_with(change, tmp_path):
+    """Heads and the assignment mode are not in the tensor shapes: width / 64 = 2 heads and hard assignment would load
+    without error and compute something else. The embedded training config says what the model was."""
+    import dataclasses
+
+    # The reference's projection heads are 4096 wide (MultiLabelContrastive never sets ProjectMLP's inner_dim).
+    cfg = dataclasses.replace(CFG, proj_hidden_dim=4096, drop_path_rate=0.1, **change)
+    torch.manual_seed(0)
+    source = GroupViT(cfg).eval()
+    extra = {} if cfg.hard_assignment else {"hard_assignment": False}
+    save_reference_checkpoint(source, tmp_path / "ckpt_epoch_29.pth", reference_config(cfg, **extra))
+    loaded = groupvit.load_pretrained(tmp_path / "ckpt_epoch_29.pth")  # no config= given
+    assert loaded.cfg.num_heads == cfg.num_heads and loaded.cfg.hard_assignment == cfg.hard_assignment
+    assert same_architecture(loaded.cfg, cfg) and loaded.cfg.multi_label  # multi_label: ${data.text_aug.multi_label}
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = source.segmentation_outputs(pixels), loaded.segmentation_outputs(pixels)
+    for a, b in zip(want["soft_maps"], got["soft_maps"]):
+        assert torch.equal(a, b)
+    assert torch.equal(want["groups"], got["groups"]) and torch.equal(want["image"], got["image"])
+    # the converted folder keeps that architecture (our config.json)
+    assert cli.main(["convert", str(tmp_path / "ckpt_epoch_29.pth"), str(tmp_path / "ours")]) == 0
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["num_heads"] == list(cfg.num_heads) and written["hard_assignment"] == cfg.hard_assignment
+
+
+def test_reference_config_with_an_object_is_refused_without_running_it(model, tmp_path, capsys):
+    omegaconf = pytest.importorskip("omegaconf")
+    marker = tmp_path / "ran"
+    oc = reference_config(CFG)
+    with omegaconf.open_dict(oc), omegaconf.read_write(oc):  # a value that is an arbitrary object
+        oc._set_flag("allow_objects", True)
+        oc.train.hook = TrainConfig(marker)  # unpickling it runs its __setstate__, which creates `marker`
+    save_reference_checkpoint(model, tmp_path / "hooked.pth", oc)
+    with pytest.raises(DataError, match=r"hooked\.pth \['config'\]\.train\.hook: holds a pickled .*TrainConfig, which "
+                                        r"the config reader does not admit"):
+        groupvit.load_pretrained(tmp_path / "hooked.pth")
+    assert cli.main(["convert", str(tmp_path / "hooked.pth"), str(tmp_path / "out")]) == 2
+    assert "hooked.pth ['config'].train.hook" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    save_reference_checkpoint(model, tmp_path / "plain_object.pth", TrainConfig(marker))  # not an OmegaConf config
+    with pytest.raises(DataError, match="TrainConfig, which the config reader does not admit"):
+        groupvit.load_pretrained(tmp_path / "plain_object.pth")
+    assert not marker.exists()
+    # with the architecture given, the config is not needed and the weights load (the object stays inert)
+    assert_same_tensors(groupvit.load_pretrained(tmp_path / "hooked.pth", config=CFG).state_dict(),
+                        model.state_dict())
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("img_encoder, key", [(dict(pos_embed_type="fourier"), "model.img_encoder.pos_embed_type"),
+                                              (dict(qkv_bias=False), "model.img_encoder.qkv_bias"),
+                                              (dict(embed_factors=[1, 2, 2]), "model.img_encoder.embed_factors"),
+                                              (dict(num_stages=3), "model.img_encoder.num_stages")])
+def test_reference_config_this_model_cannot_compute_is_refused(model, img_encoder, key, tmp_path):
+    save_reference_checkpoint(model, tmp_path / "other.pth", reference_config(CFG, **img_encoder))
+    with pytest.raises(ConfigError, match=rf"other\.pth \['config'\]: {key}"):
+        groupvit.load_pretrained(tmp_path / "other.pth")
+
+
+# ---- truncated and corrupt files: one line naming the file, exit 2 -------------------------------------------------
+
+def truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("layout", ["groupvit", "hf", "official"])
+def test_truncated_checkpoint_is_a_named_error(model, tmp_path, layout, capsys):
+    src = {"groupvit": tmp_path / "ours", "hf": tmp_path / "hf", "official": tmp_path / "released.pth"}[layout]
+    {"groupvit": save_pretrained, "hf": export_hf, "official": export_official}[layout](model, src)
+    broken = src if layout == "official" else src / "model.safetensors"
+    truncate(broken)
+    with pytest.raises(DataError, match=rf"{broken.name}: not a readable .* truncated or corrupt") as e:
+        groupvit.load_pretrained(src)
+    assert type(e.value).__name__ == "CheckpointError"
+    assert cli.main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken}: not a readable") and err.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_config_json_is_a_named_error(model, tmp_path, capsys):
+    save_pretrained(model, tmp_path / "ours")
+    export_hf(model, tmp_path / "hf")
+    (tmp_path / "ours" / "config.json").write_bytes(b"\xff\xfe\x00{\"embed")  # binary garbage, not UTF-8
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "groupvit", "vision_config": "big"}))
+    for folder in ("ours", "hf"):
+        assert cli.main(["convert", str(tmp_path / folder), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / folder}") and "config" in err and err.count("\n") == 1

@@ -231,3 +231,95 @@ def test_tiny_trained_model_beats_all_background(tmp_path):
     results = stage.evaluate(build(stage.EvaluateConfig, section, "evaluate"))
     val = results["synth_val"]
     assert val["groupvit"]["best_miou"] > val["all_background_miou"] + 5, val
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_any_work(tmp_path, world, models, capsys, caplog):
+    caplog.set_level("INFO", logger="groupvit.evaluate")
+    params = write_params(tmp_path, world, models)
+    uri = f"http://127.0.0.1:{closed_port()}"
+    assert stage.main(["--params", str(params), "--set", f"tracking.uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: tracking.uri: MLflow tracking server {uri} is not reachable")
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "eval").exists()  # nothing evaluated or written
+    assert not [r for r in caplog.records if "mIoU" in r.getMessage()]
+
+
+@pytest.mark.parametrize("case", ["missing_root", "report", "bg_thresh_from"])
+def test_config_errors_of_later_data_sets_fail_before_any_work(case, tmp_path, world, models, capsys, caplog):
+    caplog.set_level("INFO", logger="groupvit.evaluate")
+    val = {"name": "synth_val", "root": str(world / "val"), "mode": "whole", "short_side": 0}
+    extra, message = {
+        "missing_root": (dict(segmentation=[val, {"name": "gone", "root": str(tmp_path / "nope")}]),
+                         f"evaluate.segmentation.gone.root: {tmp_path / 'nope'} not found"),
+        "report": (dict(segmentation=[val], report="voc"), "evaluate.report: 'voc' is not an evaluated segmentation"),
+        "bg_thresh_from": (dict(segmentation=[val, dict(val, name="t", bg_thresh_from="synth_val")]),
+                           "evaluate.segmentation.t.bg_thresh_from: 'synth_val' is not an earlier evaluated data set "
+                           "with a threshold sweep"),
+    }[case]
+    params = write_params(tmp_path, world, models, classification=[], **extra)
+    assert stage.main(["--params", str(params), "--no-tracking"]) == 2
+    assert not [r for r in caplog.records if "mIoU" in r.getMessage()]  # synth_val was not evaluated first
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "metrics").exists()
+
+
+def truncated_model(models, tmp_path) -> Path:
+    """A copy of the tiny model folder whose model.safetensors lost its second half (an interrupted download)."""
+    import shutil
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(models["groupvit"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return broken
+
+
+def test_truncated_weights_are_one_line_errors_in_evaluate_and_segment(tmp_path, world, models, capsys):
+    broken = truncated_model(models, tmp_path)
+    params = write_params(tmp_path, world, models, models=[{"name": "groupvit", "path": str(broken)}])
+    assert stage.main(["--params", str(params), "--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken / 'model.safetensors'}: not a readable safetensors file")
+    assert err.count("\n") == 1 and not (tmp_path / "metrics").exists()
+    image = next((world / "test" / "JPEGImages").iterdir())
+    assert segment.main([str(image), "--classes", "cat", "--model", str(broken), "--out", str(tmp_path / "o.png"),
+                         "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken / 'model.safetensors'}: not a readable safetensors file")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_segment_refuses_an_extreme_aspect_ratio_at_once(tmp_path, world, models, capsys):
+    """A 1 x 20000 px strip: resized to the short side it would be 64 x 1280000 px (and never finish). It is refused
+    with the limit named, well within a generous bound of 60 s and 1 GiB more peak memory."""
+    import resource
+    import time
+
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.full((1, 20000, 3), 128, dtype=np.uint8)).save(strip)
+    params = write_params(tmp_path, world, models)
+    peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()  # ru_maxrss in KiB
+    rc = segment.main([str(strip), "--classes", "cat", "--model", str(models["groupvit"]),
+                       "--out", str(tmp_path / "strip_seg.png"), "--params", str(params)])
+    assert time.monotonic() - start < 60
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1 << 20
+    assert rc == 2
+    assert (f"error: {strip}: 1 x 20000 px (height x width) has an aspect ratio of 20000:1, over the limit of 64:1"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "strip_seg.png").exists()
+
+
+def test_segment_help_states_the_size_limits(capsys):
+    with pytest.raises(SystemExit):
+        segment.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "capped at 4096 px on its long side and 4,194,304 px in all" in text and "64:1 are refused" in text

@@ -230,3 +230,66 @@ def test_dataset_loop_counts_the_groups_each_image_uses():
     run = evaluate_segmentation(colour_segmenter("whole"), TwoImages(), [0.3], batch_size=2)
     assert run.groups_per_image == 60.0 and run.scores[0.3].miou > 0
     assert evaluate_segmentation(colour_segmenter("slide"), TwoImages(), [0.3]).groups_per_image is None
+
+
+# ---- the size limits every caller shares (inference_size) ---------------------------------------------------------
+
+def test_inference_size_keeps_reference_sizes_and_caps_the_rest():
+    from groupvit.evaluation.segmentation import MAX_LONG_SIDE, MAX_PIXELS, inference_size
+
+    # what the reference computes (mmseg keep-ratio resize) is unchanged wherever it stays inside the limits
+    for (h, w), short, long in [((375, 500), 448, 2048), ((500, 90), 448, 2048), ((64, 64), 128, 2048),
+                                ((32, 32), 0, 2048), ((281, 500), 448, 500)]:
+        scale = min(short / min(h, w), long / max(h, w)) if short else 1.0
+        assert inference_size(h, w, short, long) == (int(h * scale + 0.5), int(w * scale + 0.5))
+    # a long strip: 64 x 4000 at short side 448 would be 448 x 28000 px; the long side is capped
+    h, w = inference_size(64, 4000, 448, 10 ** 6)
+    assert w <= MAX_LONG_SIDE and h * w <= MAX_PIXELS and abs(w / h - 4000 / 64) < 1
+    # a big square at a big short side: the pixel count is capped
+    h, w = inference_size(3000, 3000, 3000, 10 ** 6)
+    assert (h, w) == (2048, 2048) and h * w <= MAX_PIXELS
+
+
+def test_extreme_aspect_ratio_is_refused_with_the_limit_named():
+    from groupvit.evaluation.segmentation import ImageSizeError, inference_size
+
+    with pytest.raises(ImageSizeError, match=r"strip\.png: 1 x 20000 px \(height x width\) has an aspect ratio of "
+                                             r"20000:1, over the limit of 64:1"):
+        inference_size(1, 20000, 448, 10 ** 6, "strip.png")
+    with pytest.raises(ImageSizeError, match="125:1, over the limit of 64:1"):  # classification resizes too
+        from groupvit.evaluation.runner import classification_pixels
+        classification_pixels(torch.zeros(1, 3, 8, 1000, dtype=torch.uint8), 256, 224, (0, 0, 0), (1, 1, 1))
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_segmenter_never_hands_the_encoder_more_than_the_limits(mode):
+    max_long_side, max_pixels = 4096, 2048 * 2048  # the documented limits (MAX_LONG_SIDE, MAX_PIXELS)
+    seen = []
+    colour = colour_encoder()
+
+    def encode(pixels):
+        seen.append(tuple(pixels.shape[-2:]) * pixels.shape[0])  # one (h, w) per crop of the batch
+        return colour(pixels)
+
+    # 40 x 2000 px at short side 448 and no long-side cap: 448 x 22400 px (10 M) without the limits
+    settings = SegmentationSettings(mode=mode, short_side=448, long_side=10 ** 6, crop=448, stride=448)
+    seg = Segmenter(encode, F.normalize(torch.eye(3) + 2.0, dim=-1), 50.0, settings, mean=(0, 0, 0), std=(1, 1, 1))
+    image = torch.zeros(1, 3, 40, 2000, dtype=torch.uint8)
+    pred = seg.predict(image, bg_thresh=0.3)
+    assert pred.shape == (1, 40, 2000)  # back at the original size
+    crops = [s[i:i + 2] for s in seen for i in range(0, len(s), 2)]
+    assert crops and all(max(c) <= max_long_side and c[0] * c[1] <= max_pixels for c in crops)
+    assert sum(c[0] * c[1] for c in crops) <= max_pixels  # the windows cover the capped image only
+
+
+def test_image_over_pils_pixel_limit_is_a_named_error(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from groupvit.errors import DataError
+    from groupvit.evaluation.datasets import read_image
+
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images over twice its limit (a "bomb")
+    with pytest.raises(DataError, match=r"big\.png: not a readable image \(Image size \(400 pixels\) exceeds"):
+        read_image(tmp_path / "big.png")

@@ -21,19 +21,19 @@ from typing import Any
 import torch
 
 from groupvit.checkpoint import keymap
-from groupvit.checkpoint.configs import (MULTI_LABEL_KEY, config_from_dict, config_from_hf, config_to_dict,
-                                         config_to_hf, infer_config)
-from groupvit.checkpoint.io import (LAYOUTS, RawCheckpoint, read_checkpoint, save_official,
-                                    save_safetensors_folder)
-from groupvit.errors import DataError
+from groupvit.checkpoint.configs import (MULTI_LABEL_KEY, config_from_dict, config_from_hf, config_from_reference,
+                                         config_to_dict, config_to_hf, infer_config)
+from groupvit.checkpoint.io import (LAYOUTS, CheckpointError, RawCheckpoint, read_checkpoint, read_training_config,
+                                    save_official, save_safetensors_folder)
+from groupvit.errors import ConfigError, DataError
 from groupvit.model.config import ModelConfig
 from groupvit.model.vision import resize_pos_embed
 
 log = logging.getLogger(__name__)
 ML_SCALE = "multi_label_logit_scale"
 POS_EMBED = "img_encoder.pos_embed"
-__all__ = ["LAYOUTS", "convert", "export_hf", "export_official", "load_pretrained", "read_weights", "save_pretrained",
-           "weights_digest"]
+__all__ = ["LAYOUTS", "CheckpointError", "convert", "export_hf", "export_official", "load_pretrained", "read_weights",
+           "save_pretrained", "weights_digest"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,14 +118,25 @@ def _to_ours(raw: RawCheckpoint) -> tuple[dict[str, torch.Tensor], list[str], li
 
 
 def _config(raw: RawCheckpoint, state: dict[str, torch.Tensor], config: ModelConfig | None) -> ModelConfig:
+    """The architecture: `config`, else the file's own config (ours, HF's, or the reference's training config),
+    else the tensor shapes (heads assumed width / 64, with a warning)."""
     if config is not None:
         return config
     if raw.meta is not None:
-        if raw.layout == "hf":
-            return config_from_hf(raw.meta, raw.source)
-        return config_from_dict(raw.meta, raw.source)
+        reader = config_from_hf if raw.layout == "hf" else config_from_dict
+        try:
+            return reader(raw.meta, raw.source)
+        except ConfigError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # a config.json of the wrong shape
+            raise ConfigError(f"{raw.source}: config does not describe a GroupViT ({type(e).__name__}: {e})") from e
+    if raw.training_config:
+        return config_from_reference(read_training_config(raw.source), f"{raw.source} ['config']")
     cfg = infer_config(state, raw.source)
-    log.info("%s: architecture inferred from tensor shapes (heads = width / 64): %s", raw.source, cfg)
+    log.warning("%s: no config in the file, architecture inferred from the tensor shapes; attention heads are not in "
+                "the shapes and are assumed width / 64 (vision %s, text %d): pass config= (groupvit convert "
+                "--config/--preset) if the model was trained with others", raw.source, list(cfg.num_heads),
+                cfg.text_heads)
     return cfg
 
 
@@ -149,13 +160,18 @@ def load_pretrained(path: str | Path, config: ModelConfig | None = None):
     Args:
         path: official NVlabs checkpoint (`.pth` with a `model` key), Hugging Face GroupViTModel folder or state
             dict (safetensors or `.bin`), or a folder written by this project (`model.safetensors` + `config.json`).
-        config: the architecture; default: from the checkpoint's config, else inferred from the tensor shapes.
+        config: the architecture; default: from the checkpoint's config (for an official `.pth`: the reference's
+            training config it embeds, read without unpickling objects), else inferred from the tensor shapes.
 
     Returns:
         The model (`encode_image`, `encode_text`, `segmentation_outputs`), BatchNorm running statistics included.
 
     Raises:
         DataError: a tensor is missing, unexpected or mis-shaped (named), or the file is not a GroupViT checkpoint.
+        CheckpointError: (a DataError) a file is truncated or corrupt, or an official `.pth` pickles objects that
+            are not weights or plain config data (named, never loaded).
+        ConfigError: the config in the checkpoint (our `config.json`, HF's, or the reference's training config in
+            an official `.pth`) is malformed or describes a model this project does not compute.
     """
     from groupvit.model.groupvit import GroupViT
 

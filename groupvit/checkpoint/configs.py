@@ -1,8 +1,9 @@
-"""`ModelConfig` from a Hugging Face `config.json`, to one, and from the tensor shapes of an official checkpoint.
+"""`ModelConfig` from a Hugging Face `config.json`, to one, from the reference's training config embedded in an
+official `.pth`, and from the tensor shapes of an official checkpoint without a config.
 
-What the shapes cannot tell (attention heads, training-only settings such as drop-path or the Gumbel temperature)
-comes from the `gcc_yfcc` preset, with heads = width / 64 as the reference's text tower computes them (and as the
-released vision config, 384 / 6 heads, satisfies). Pass `config=` to `load_pretrained` to override.
+From the shapes alone, what they cannot tell (attention heads, training-only settings such as drop-path or the
+Gumbel temperature) comes from the `gcc_yfcc` preset, with heads = width / 64 as the reference's text tower computes
+them (and as the released vision config, 384 / 6 heads, satisfies). Pass `config=` to `load_pretrained` to override.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
+from groupvit.config import build
 from groupvit.errors import ConfigError, DataError
 from groupvit.model.config import ModelConfig
 
@@ -82,6 +84,115 @@ def config_from_hf(data: Mapping[str, Any], source: str) -> ModelConfig:
         contrast_temperature=math.exp(-data.get("logit_scale_init_value", 2.6592)),
         multi_label=MULTI_LABEL_KEY in data,
     )
+
+
+# The reference's constructor defaults for keys its yaml leaves out (NVlabs/GroupViT `models/group_vit.py` GroupViT,
+# `models/transformer.py` TextTransformer, `models/multi_label_contrastive.py` MultiLabelContrastive). A key outside
+# these is not an argument of the reference (its constructor would have failed), so the config is refused.
+REF_VISION_DEFAULTS: dict[str, Any] = dict(
+    type="GroupViT", img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=384, embed_factors=None,
+    depths=[6, 3, 3], num_heads=[6, 6, 6], num_group_tokens=[64, 8, 0], num_output_groups=[64, 8],
+    hard_assignment=True, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
+    drop_path_rate=0.1, patch_norm=True, use_checkpoint=False, pos_embed_type="simple", freeze_patch_embed=False)
+REF_TEXT_DEFAULTS: dict[str, Any] = dict(type="TextTransformer", context_length=None, width=None, layers=None,
+                                         vocab_size=None, use_checkpoint=False)  # None: required
+REF_MODEL_DEFAULTS: dict[str, Any] = dict(type="MultiLabelContrastive", img_encoder=None, text_encoder=None,
+                                          output_dim=256, contrast_temperature=0.07, proj_num_layers=2, multi_label=0,
+                                          share_temperature=False, multi_label_loss_weight=1.0)
+# Reference settings this model computes at one value only (a qkv bias, no class head, LayerNorm after the patch
+# embedding, learned position embeddings, one width for every stage, Linear-BN-ReLU-Linear projection heads).
+REF_FIXED: dict[str, Any] = {"img_encoder.type": "GroupViT", "img_encoder.in_chans": 3, "img_encoder.num_classes": 0,
+                             "img_encoder.qkv_bias": True, "img_encoder.qk_scale": None, "img_encoder.patch_norm": True,
+                             "img_encoder.pos_embed_type": "simple", "text_encoder.type": "TextTransformer",
+                             "type": "MultiLabelContrastive", "proj_num_layers": 2}
+REF_PROJ_HIDDEN = 4096  # ProjectMLP's inner_dim, which MultiLabelContrastive never sets
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def _resolve(value: Any, root: Mapping[str, Any], key: str, source: str, depth: int = 0) -> Any:
+    """`value` with an OmegaConf interpolation of another key (`${data.text_aug.multi_label}`) followed."""
+    if not isinstance(value, str) or "${" not in value and value != "???":
+        return value
+    match = _INTERPOLATION.fullmatch(value)
+    if value == "???" or match is None or depth > 8:
+        raise ConfigError(f"{source}: model.{key} = {value!r} cannot be resolved (a missing value, a resolver or "
+                          f"an interpolation inside text); pass config= (groupvit convert --config/--preset)")
+    target: Any = root
+    for part in match.group(1).split("."):
+        if not isinstance(target, Mapping) or part not in target:
+            raise ConfigError(f"{source}: model.{key} = {value!r} points to no key of the config")
+        target = target[part]
+    return _resolve(target, root, key, source, depth + 1)
+
+
+def _reference_section(data: Mapping[str, Any], name: str, defaults: Mapping[str, Any], root: Mapping[str, Any],
+                       source: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One section of the reference's `model` config with its defaults filled in and interpolations resolved."""
+    section = data.get(name) if name else data
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{source}: model.{name} is {section!r}, expected a mapping (the reference's model config)")
+    prefix = f"{name}." if name else ""
+    unknown = sorted(set(section) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{source}: model.{prefix}{unknown[0]} is not an argument of the reference model "
+                          f"(known: {', '.join(sorted(defaults))}); pass config= (groupvit convert --config)")
+    for key in required:
+        if section.get(key) is None:
+            raise ConfigError(f"{source}: model.{prefix}{key} missing (the reference requires it)")
+    return {k: _resolve(section.get(k, v), root, prefix + k, source) for k, v in defaults.items()}
+
+
+def config_from_reference(data: Mapping[str, Any], source: str) -> ModelConfig:
+    """A `ModelConfig` from the reference's training config (the `config` an NVlabs/GroupViT `.pth` embeds, as
+    plain dicts: `read_training_config`), as the reference would build its model from it.
+
+    Read: `model.img_encoder` (img_size, patch_size, embed_dim, depths, num_heads, num_group_tokens,
+    num_output_groups, hard_assignment, mlp_ratio, drop_path_rate), `model.text_encoder` (context_length, width,
+    layers, vocab_size; heads = width // 64 as the reference computes them), `model.output_dim`,
+    `model.contrast_temperature`, and `model.multi_label` > 0 without `share_temperature` (its own scale). Keys left
+    out take the reference's constructor defaults.
+
+    Raises:
+        ConfigError: no `model` section, a key the reference does not have, an interpolation that cannot be
+            followed, or a setting this model does not compute (names the key and the supported value).
+    """
+    model = data.get("model")
+    if not isinstance(model, Mapping):
+        raise ConfigError(f"{source}: no `model` section (found keys {sorted(map(str, data))[:8]}); not the "
+                          "reference's training config, pass config= (groupvit convert --config/--preset)")
+    top = _reference_section(model, "", REF_MODEL_DEFAULTS, data, source)
+    vision = _reference_section(model, "img_encoder", REF_VISION_DEFAULTS, data, source)
+    text = _reference_section(model, "text_encoder", REF_TEXT_DEFAULTS, data, source,
+                              required=("context_length", "width", "layers", "vocab_size"))
+    found = {**{f"img_encoder.{k}": v for k, v in vision.items()}, **{f"text_encoder.{k}": v for k, v in text.items()},
+             **top}
+    for key, wanted in REF_FIXED.items():
+        if found[key] != wanted:
+            raise ConfigError(f"{source}: model.{key} = {found[key]!r}; this GroupViT computes {wanted!r} only")
+    depths = vision["depths"]
+    if vision["embed_factors"] is not None and list(vision["embed_factors"]) != [1] * len(depths):
+        raise ConfigError(f"{source}: model.img_encoder.embed_factors = {vision['embed_factors']!r}; this GroupViT "
+                          "has one width for every stage (all 1)")
+    size = vision["img_size"]
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    width = text["width"]
+    if not isinstance(width, int) or width < 64:
+        raise ConfigError(f"{source}: model.text_encoder.width = {width!r}; the reference's text tower has "
+                          "width // 64 heads, so it needs an int >= 64")
+    multi_label = top["multi_label"]
+    if not isinstance(multi_label, (int, float)):
+        raise ConfigError(f"{source}: model.multi_label = {multi_label!r}, expected a number of prompts")
+    values = dict(
+        preset="gcc_yfcc", image_size=size, patch_size=vision["patch_size"], embed_dim=vision["embed_dim"],
+        depths=depths, num_heads=vision["num_heads"], num_group_tokens=vision["num_group_tokens"],
+        num_output_groups=vision["num_output_groups"], hard_assignment=vision["hard_assignment"],
+        mlp_ratio=vision["mlp_ratio"], drop_path_rate=vision["drop_path_rate"], text_width=width,
+        text_layers=text["layers"], text_heads=width // 64, context_length=text["context_length"],
+        vocab_size=text["vocab_size"], output_dim=top["output_dim"], proj_hidden_dim=REF_PROJ_HIDDEN,
+        contrast_temperature=top["contrast_temperature"],
+        multi_label=multi_label > 0 and not top["share_temperature"])
+    return build(ModelConfig, values, f"{source} (as ModelConfig)")
 
 
 def config_to_hf(cfg: ModelConfig, multi_label_logit_scale: float | None = None) -> dict[str, Any]:

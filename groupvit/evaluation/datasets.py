@@ -76,7 +76,7 @@ def read_image(path: Path) -> torch.Tensor:
             arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image not found") from None
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:  # the latter: over PIL's pixel limit (~179 M px)
         raise DataError(f"{path}: not a readable image ({e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 

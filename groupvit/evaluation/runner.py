@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from groupvit.evaluation.classification import ClassificationAccuracy
 from groupvit.evaluation.datasets import Sample, SegmentationDataset
 from groupvit.evaluation.diagnostics import oracle_labels
+from groupvit.evaluation.limits import MAX_LONG_SIDE, inference_size
 from groupvit.evaluation.metrics import ConfusionMatrix, SegmentationScores
 from groupvit.evaluation.segmentation import Segmenter, resize_short_side
 
@@ -65,8 +66,11 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
     matrices = {t: ConfusionMatrix(n) for t in thresholds}
     oracle_cm = ConfusionMatrix(n) if oracle and segmenter.settings.mode == "whole" else None
     done, start, groups_used, grouped = 0, time.perf_counter(), 0, 0
+    settings = segmenter.settings
     for batch in batches(dataset, batch_size if segmenter.settings.mode == "whole" else 1, limit):
         images = torch.stack([s.image for s in batch])
+        # the size limits, checked here to name the image (a batch shares one size)
+        inference_size(*images.shape[-2:], settings.short_side, settings.long_side, _where(dataset, batch[0].id))
         targets = torch.stack([s.mask for s in batch])
         logits, groups = segmenter.logits(images, thresholds, need_groups=oracle_cm is not None)
         for t, lg in zip(thresholds, logits):
@@ -86,14 +90,24 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
                            groups_used / grouped if grouped else None)
 
 
+def _where(dataset, item: object) -> str:
+    """`<data set root>: image <id>` for messages."""
+    return f"{getattr(dataset, 'root', 'data set')}: image {item}"
+
+
 def classification_pixels(images: torch.Tensor, resize: int, crop: int, mean: Sequence[float],
                           std: Sequence[float]) -> torch.Tensor:
     """Reference classification preprocessing: resize the short side to `resize`, centre crop `crop`, normalise.
 
+    The resize keeps the shared limits of `inference_size` (long side at most `MAX_LONG_SIDE`, `MAX_PIXELS` in all).
+
     Args:
         images: uint8 [B, 3, H, W].
+
+    Raises:
+        ImageSizeError: the images are more elongated than `MAX_ASPECT_RATIO`:1.
     """
-    x = resize_short_side(images.float() / 255.0, resize, 10 ** 6)
+    x = resize_short_side(images.float() / 255.0, resize, MAX_LONG_SIDE)
     h, w = x.shape[-2:]
     if crop > 0:
         top, left = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
@@ -112,6 +126,8 @@ def evaluate_classification(encode_image: Callable[[torch.Tensor], torch.Tensor]
     n = len(dataset) if limit <= 0 else min(limit, len(dataset))
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        for i, (img, _) in enumerate(items, start):  # the size limits, checked here to name the image
+            inference_size(*img.shape[-2:], resize, MAX_LONG_SIDE, _where(dataset, i))
         pixels = [classification_pixels(img[None], resize, crop, mean, std) for img, _ in items]
         if len({p.shape for p in pixels}) == 1:  # one forward when the images share a size
             emb = encode_image(torch.cat(pixels))

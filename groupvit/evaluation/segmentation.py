@@ -10,6 +10,10 @@ The algorithm works on plain tensors, so it is testable without a model:
 
 `Segmenter` adds what mmseg did around it: resize to a short side, whole image or sliding window (crops averaged),
 bilinear resize of the logits to the original size, argmax.
+
+Every image reaches the encoder through `inference_size` (`resize_short_side`), which bounds what one image may cost:
+at most `MAX_LONG_SIDE` px on the long side and `MAX_PIXELS` px in all after resizing (larger ones are scaled down),
+and an aspect ratio of at most `MAX_ASPECT_RATIO`:1 (more elongated images are refused with an `ImageSizeError`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from groupvit.evaluation.limits import (MAX_ASPECT_RATIO, MAX_LONG_SIDE, MAX_PIXELS, ImageSizeError,  # noqa: F401
+                                        inference_size)
 
 # A model's `segmentation_outputs(pixels) -> {"image", "groups", "soft_maps", "grid"}`.
 Encoder = Callable[[torch.Tensor], Mapping[str, object]]
@@ -175,13 +182,14 @@ def segment_crops(encode: Encoder, pixels: torch.Tensor, text: torch.Tensor, log
 
 
 def resize_short_side(pixels: torch.Tensor, short_side: int, long_side: int) -> torch.Tensor:
-    """Keep-ratio resize of [B, 3, H, W] so the short side is `short_side` and the long side at most `long_side`
-    (mmseg `Resize(img_scale=(long_side, short_side), keep_ratio=True)`); 0 keeps the size."""
-    if short_side <= 0:
-        return pixels
+    """Keep-ratio resize of [B, 3, H, W] to `inference_size` (short side `short_side`, 0 = keep; long side at most
+    `long_side`; within `MAX_LONG_SIDE` and `MAX_PIXELS`), bilinear.
+
+    Raises:
+        ImageSizeError: the image is more elongated than `MAX_ASPECT_RATIO`:1.
+    """
     h, w = pixels.shape[-2:]
-    scale = min(short_side / min(h, w), long_side / max(h, w))
-    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    size = inference_size(h, w, short_side, long_side)
     if size == (h, w):
         return pixels
     return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
@@ -233,7 +241,12 @@ class Segmenter:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> resized, normalised float pixels."""
+        """uint8 [B, 3, H, W] -> resized (`inference_size`: within `MAX_LONG_SIDE` / `MAX_PIXELS`), normalised float
+        pixels.
+
+        Raises:
+            ImageSizeError: the images are more elongated than `MAX_ASPECT_RATIO`:1.
+        """
         x = resize_short_side(images.float() / 255.0, self.settings.short_side, self.settings.long_side)
         return (x - self.mean) / self.std
 

@@ -47,8 +47,8 @@ def architecture(args: argparse.Namespace) -> ModelConfig | None:
         return ModelConfig(preset=args.preset)
     if args.config:
         try:
-            data = json.loads(args.config.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(args.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"--config {args.config}: unreadable JSON ({e})") from e
         return config_from_dict(data, str(args.config))
     return None

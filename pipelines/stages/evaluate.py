@@ -34,12 +34,13 @@ from typing import Any, Callable
 import torch
 
 from groupvit.checkpoint import weights_digest
-from groupvit.config import flat_dict, param, read_params, save_resolved
-from groupvit.errors import DataError
+from groupvit.config import flat_dict, param, save_resolved
+from groupvit.errors import ConfigError, DataError
 from groupvit.evaluation.datasets import (DEFAULT_BG_THRESH, ImageFolderDataset, SegmentationDataset,
                                           SingleObjectDataset, load_class_names)
+from groupvit.evaluation.limits import MAX_ASPECT_RATIO, MAX_LONG_SIDE, MAX_PIXELS
 from groupvit.evaluation.runner import evaluate_classification, evaluate_segmentation
-from pipelines.common import load, run_stage, stage_parser
+from pipelines.common import load, load_base, run_stage, stage_parser
 
 THRESHOLDS_FILE = "thresholds.json"  # in output_dir: the tuned threshold per model, read by `groupvit segment`
 
@@ -70,7 +71,9 @@ class SegmentationSpec:
     sweep: tuple[float, ...] = param((), ge=0, le=1, help="also score these thresholds (tuning on validation)")
     mode: str = param("slide", choices=("whole", "slide"))
     short_side: int = param(448, ge=0, help="resize the short side before the model (0 = keep the size)")
-    long_side: int = param(2048, ge=1, help="cap of the long side after resizing")
+    long_side: int = param(2048, ge=1, help="cap of the long side after resizing; every image is also capped at "
+                                            f"{MAX_LONG_SIDE} px long side and {MAX_PIXELS:,} px in all, and one "
+                                            f"more elongated than {MAX_ASPECT_RATIO}:1 is an error (inference_size)")
     crop: int = param(448, ge=1, help="sliding-window crop")
     stride: int = param(224, ge=1, help="sliding-window stride")
     limit: int = param(0, ge=0, help="evaluate only the first N images (0 = all)")
@@ -323,11 +326,57 @@ def tuned_thresholds(cfg: EvaluateConfig, models: list[LoadedModel], results: di
     return out
 
 
+def _skipped(spec: SegmentationSpec | ClassificationSpec) -> bool:
+    """An optional data set whose root is absent: skipped with a log line."""
+    return spec.optional and not Path(spec.root).exists()
+
+
+def check_config(cfg: EvaluateConfig) -> None:
+    """Fail before any work on what would otherwise stop the run after earlier data sets were evaluated: names that
+    refer to no data set evaluated before them, absent data sets, split files or class lists, unreadable templates.
+
+    Raises:
+        ConfigError: a duplicated data set name, `bg_thresh_from` or `report` naming no suitable data set.
+        DataError, FileNotFoundError: a non-optional data set root or a template file is missing.
+    """
+    if not cfg.segmentation and not cfg.classification:
+        raise DataError("evaluate: no data set configured (evaluate.segmentation / evaluate.classification)")
+    names = [s.name for s in cfg.segmentation]
+    for section, specs in (("segmentation", cfg.segmentation), ("classification", cfg.classification)):
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise ConfigError(f"evaluate.{section}: data set name {spec.name!r} appears twice")
+            seen.add(spec.name)
+            if not spec.optional and not Path(spec.root).exists():
+                raise DataError(f"evaluate.{section}.{spec.name}.root: {spec.root} not found (or set optional: true)")
+    evaluated: dict[str, SegmentationSpec] = {}
+    for spec in cfg.segmentation:
+        source = evaluated.get(spec.bg_thresh_from)
+        if spec.bg_thresh_from and (source is None or not source.sweep):
+            raise ConfigError(f"evaluate.segmentation.{spec.name}.bg_thresh_from: {spec.bg_thresh_from!r} is not an "
+                              f"earlier evaluated data set with a threshold sweep ({', '.join(evaluated) or 'none'})")
+        if not _skipped(spec):
+            evaluated[spec.name] = spec
+    if cfg.report and cfg.report not in evaluated:
+        skipped = " (optional, its root is absent)" if cfg.report in names else ""
+        raise ConfigError(f"evaluate.report: {cfg.report!r} is not an evaluated segmentation data set{skipped} "
+                          f"({', '.join(evaluated) or 'none'})")
+    for spec in evaluated.values():  # split files, class lists: cheap to read, fatal to find missing later
+        SegmentationDataset(spec.root, spec.layout, spec.split, spec.classes or None)
+    templates_of(cfg.templates)
+    for cspec in cfg.classification:
+        templates_of(cspec.templates)
+        if not _skipped(cspec) and cspec.layout == "folder":
+            ImageFolderDataset(cspec.root)
+        elif not _skipped(cspec):  # the single-object filter reads every mask: only the split is checked here
+            SegmentationDataset(cspec.root, "voc", cspec.split)
+
+
 def evaluate(cfg: EvaluateConfig, log_run: Callable[[dict, list[Path], list[Path]], None] | None = None
              ) -> dict[str, Any]:
     """Run every data set for every model; write metrics, tables and pictures; hand them to `log_run`."""
-    if not cfg.segmentation and not cfg.classification:
-        raise DataError("evaluate: no data set configured (evaluate.segmentation / evaluate.classification)")
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     models = load_models(cfg)
@@ -335,22 +384,19 @@ def evaluate(cfg: EvaluateConfig, log_run: Callable[[dict, list[Path], list[Path
     rows: list[dict[str, Any]] = []
     done: dict[str, tuple[SegmentationDataset, dict, SegmentationSpec]] = {}
     for spec in cfg.segmentation:
-        if not Path(spec.root).exists() and spec.optional:
+        if _skipped(spec):
             log.info("data set %s: %s not found, skipped (optional)", spec.name, spec.root)
             continue
         ds, segs = run_segmentation(cfg, models, spec, results, rows)
         done[spec.name] = (ds, segs, spec)
     for cspec in cfg.classification:
-        if not Path(cspec.root).exists() and cspec.optional:
+        if _skipped(cspec):
             log.info("data set %s: %s not found, skipped (optional)", cspec.name, cspec.root)
             continue
         run_classification(cfg, models, cspec, results)
     report = cfg.report or (list(done)[-1] if done else "")
     pictures: list[Path] = []
     if report:
-        if report not in done:
-            raise DataError(f"evaluate.report: {report!r} is not an evaluated segmentation data set "
-                            f"({', '.join(done) or 'none'})")
         base = results[report].get(cfg.baseline, {}).get("miou")
         if base:
             results.setdefault("comparison", {})[report] = {
@@ -404,11 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from pipelines.tracking import TrackingConfig
+        from pipelines.tracking import TrackingConfig, check_reachable, resolve_uri
 
         cfg = load(EvaluateConfig, args, "evaluate")
         tracking = load(TrackingConfig, args, "tracking")
-        seed = int((read_params(args.params, args.overrides).get("base") or {}).get("seed", 0))
+        check_config(cfg)
+        if not args.no_tracking:  # as train: an unreachable server fails now, not after the evaluation
+            check_reachable(resolve_uri(tracking))
+        seed = load_base(args).seed
         torch.manual_seed(seed)
         results = evaluate(cfg, None if args.no_tracking else mlflow_logger(tracking, cfg, seed))
         save_resolved(Path(cfg.output_dir) / "resolved_config.yaml", evaluate=cfg, tracking=tracking)

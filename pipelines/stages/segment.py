@@ -4,6 +4,10 @@ Writes the evaluation picture (image, prediction with a class legend, the groups
 templates, top-k and the assignment mode come from the `evaluate` section of params.yaml; whole-image mode as the
 reference demo. The background threshold defaults to the one the evaluate stage tuned for these weights
 (`<evaluate.output_dir>/thresholds.json`, matched by the weights' digest), else 0.95 (VOC). Not a DVC stage.
+
+Image size: after the short-side resize the image the model sees is capped at 4096 px on its long side and
+2048 x 2048 px in all (scaled down, keeping the ratio); an image more elongated than 64:1 is refused before the model
+is loaded (`groupvit.evaluation.limits.inference_size`, shared with `groupvit evaluate`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from groupvit.errors import DataError
+from groupvit.evaluation.limits import MAX_ASPECT_RATIO, MAX_LONG_SIDE, MAX_PIXELS, inference_size
 from pipelines.common import load, run_stage, stage_parser
 
 log = logging.getLogger("groupvit.segment")
@@ -63,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="background threshold (default: the one `groupvit evaluate` tuned for these weights,"
                         " else 0.95)")
     p.add_argument("--short-side", type=int, default=None,
-                   help="resize the short side first (default: 2x the model's training size, as 448 for 224)")
+                   help="resize the short side first (default: 2x the model's training size, as 448 for 224); the "
+                        f"resized image is capped at {MAX_LONG_SIDE} px on its long side and {MAX_PIXELS:,} px in "
+                        f"all (scaled down), and images more elongated than {MAX_ASPECT_RATIO}:1 are refused")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if bg_thresh is not None and not 0.0 <= bg_thresh <= 1.0:
             raise DataError(f"--bg-thresh {bg_thresh}: expected a value in [0, 1]")
         image = read_image(Path(args.image))
+        inference_size(*image.shape[-2:], 0, MAX_LONG_SIDE, args.image)  # refuse an elongated image before any work
         if not Path(args.model).exists():
             raise DataError(f"--model {args.model}: model folder not found (train one with `dvc repro train`)")
         model = LoadedModel(ModelSpec("model", args.model), cfg.precision)
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("background threshold %s (%s)", bg_thresh,
                      f"tuned on {tuned[1]} by groupvit evaluate" if tuned else "VOC default; none tuned for this model")
         short = args.short_side if args.short_side is not None else 2 * model.model.cfg.image_size
-        settings = SegmentationSettings("whole", short, 10 ** 6, 1, 1, cfg.top_k, cfg.assignment == "hard")
+        settings = SegmentationSettings("whole", short, MAX_LONG_SIDE, 1, 1, cfg.top_k, cfg.assignment == "hard")
         text = model.text_embeddings(names, templates_of(cfg.templates))
         seg = Segmenter(model.segmentation_outputs, text, model.logit_scale, settings, IMAGENET_MEAN, IMAGENET_STD)
         pred = seg.predict(image[None], bg_thresh)[0]
