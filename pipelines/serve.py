@@ -21,6 +21,7 @@ from typing import Any
 
 from groupvit.config import load_section
 from groupvit.errors import ConfigError
+from groupvit.procs import TiedProcess
 from pipelines.workspace import OrchestrationConfig, tool_env
 
 
@@ -32,8 +33,12 @@ def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def start_local_server(port: int, wait_s: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `prefect server start --host 127.0.0.1 --port <port>` and wait until its API answers."""
+def start_local_server(port: int, wait_s: float = 120.0) -> tuple[TiedProcess, str]:
+    """Start `prefect server start --host 127.0.0.1 --port <port>` and wait until its API answers.
+
+    The server is a `TiedProcess`: it dies with this process however that ends (a SIGKILL included), instead of
+    holding the port in a session of its own; `stop` shuts it down cleanly.
+    """
     api_url = f"http://127.0.0.1:{port}/api"
     if api_healthy(api_url):
         raise ConfigError(f"a Prefect server already answers on {api_url}; use it with PREFECT_API_URL={api_url}")
@@ -42,8 +47,9 @@ def start_local_server(port: int, wait_s: float = 120.0) -> tuple[subprocess.Pop
     log = open(home / "server.log", "ab")
     # The UI's own API address defaults to port 4200 whatever --port says: point it at this server.
     env = {**tool_env(), "PREFECT_UI_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = TiedProcess([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                       stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()  # the server holds its own copy
     deadline = time.monotonic() + wait_s
     while not api_healthy(api_url):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -53,9 +59,12 @@ def start_local_server(port: int, wait_s: float = 120.0) -> tuple[subprocess.Pop
     return proc, api_url
 
 
-def stop(proc: subprocess.Popen[Any]) -> None:
-    """Stop a child started with start_new_session (its whole process group, which is ours)."""
-    if proc.poll() is None:
+def stop(proc: subprocess.Popen[Any] | TiedProcess) -> None:
+    """Stop a server from `start_local_server`, or a child started with start_new_session (its whole process group,
+    which is ours): SIGTERM (a clean shutdown), SIGKILL after 30 s."""
+    if isinstance(proc, TiedProcess):
+        proc.stop(signal.SIGTERM, timeout=30)
+    elif proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)

@@ -20,7 +20,8 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from groupvit.data.download import DownloadConfig, _tar_members_fast, normalise_tar
+from groupvit.data.download import (DownloadConfig, _tar_members_fast, discard_unusable, finished_shards,
+                                    normalise_reason, normalise_tar, summarize)
 from groupvit.data.server import LoopbackImageServer
 from groupvit.data.urllist import loopback_address, read_url_list
 from groupvit.errors import DataError
@@ -65,13 +66,14 @@ def world(tmp_path_factory):
     server.stop()
 
 
-def _params(root: Path, name: str, **extra) -> Path:
+def _params(root: Path, name: str, tracking: dict | None = None, **extra) -> Path:
     section = dict(url_list=str(root / "urls.parquet"), serve_dir="", output_dir=str(root / name / "shards"),
                    work_dir=str(root / name / "work"), image_size=16, number_sample_per_shard=SHARD,
                    processes_count=1, thread_count=2, timeout=5)
     section.update(extra)
     path = root / f"params_{name}.yaml"
-    path.write_text(yaml.safe_dump({"download": section}))
+    path.write_text(yaml.safe_dump({"download": section, **({"tracking": tracking} if tracking else {})}))
+    (root / name).mkdir(exist_ok=True)
     return path
 
 
@@ -287,3 +289,222 @@ def test_server_holds_every_client_of_a_default_download_while_busy():
             c.close()
         server.server_close()
     assert len(opened) == clients
+
+
+# ---- the download's own image server (serve_dir), killed with the stage ----------------------------------------
+
+REFUSED = "<urlopen error [Errno 111] Connection refused>"  # img2dataset's reasons, as it writes them
+CLOSED = "Remote end closed connection without response"
+DNS = "<urlopen error [Errno -3] Temporary failure in name resolution>"
+SERVED_GOOD, SERVED_SHARD = 148, 25  # + a 404 and a 0-byte image: 150 rows -> 6 shards
+
+
+def _served_images(images: Path) -> None:
+    images.mkdir()
+    for i in range(SERVED_GOOD):
+        (images / f"{i}.jpg").write_bytes(_jpeg(1000 + i, 64))
+    (images / "zero.jpg").write_bytes(b"")
+
+
+@pytest.fixture(scope="module")
+def served_world(tmp_path_factory):
+    """A url list on one loopback port that the download stage serves itself (`serve_dir`), as the default world."""
+    root = tmp_path_factory.mktemp("served")
+    _served_images(root / "images")
+    base = f"http://127.0.0.1:{_closed_port()}"
+    urls = [f"{base}/{i}.jpg" for i in range(SERVED_GOOD)]
+    urls.insert(30, f"{base}/missing.jpg")
+    urls.insert(130, f"{base}/zero.jpg")
+    pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(len(urls))]}), root / "urls.parquet")
+    return root
+
+
+def _served_params(root: Path, name: str) -> Path:
+    return _params(root, name, serve_dir=str(root / "images"), number_sample_per_shard=SERVED_SHARD)
+
+
+@pytest.fixture(scope="module")
+def served_uninterrupted(served_world):
+    assert _run_stage(_served_params(served_world, "full"), served_world / "full") == 0
+    return served_world / "full"
+
+
+def _procs() -> dict[int, tuple[int, str]]:
+    """{pid: (ppid, command line)} of the running processes (zombies left out)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] not in ("Z", "X"):
+            found[int(stat.parent.name)] = (int(fields[1]), cmdline)
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    procs, tree, todo = _procs(), set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = {p for p, (ppid, _) in procs.items() if ppid == parent}
+        tree |= children
+        todo += children
+    return tree
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the stage's processes in /proc")
+def test_kill9_of_the_stage_alone_kills_img2dataset_and_the_resume_matches(served_world, served_uninterrupted):
+    """The stage serves the images itself, so they die with it: its img2dataset must die too (else it fetches every
+    remaining shard as 'connection refused'), and the rerun must reuse only shards that are sound."""
+    root, name = served_world, "killed"
+    params = _served_params(root, name)
+    raw = root / name / "work" / "raw"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Its own process group, only so that a failing test can clean up; the kill below goes to the stage's pid alone.
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "download", "--params", str(params)],
+                            cwd=root / name, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            process_group=0)
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(raw.glob("*_stats.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        tree = _descendants(proc.pid)
+        running = [cmd for pid, (_, cmd) in _procs().items() if pid in tree]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert any("img2dataset" in cmd for cmd in running), f"not mid-download: {running}"
+
+        def survivors() -> list[str]:
+            return [cmd for pid, (_, cmd) in _procs().items() if pid in tree or str(raw) in cmd]
+
+        deadline = time.monotonic() + 5  # SIGKILL within the watchdog's poll interval; generous for a busy machine
+        while survivors() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not survivors(), survivors()
+    finally:
+        for pid in tree & set(_procs()):  # only when the test failed
+            os.kill(pid, signal.SIGKILL)
+    finished = sorted(finished_shards(raw))
+    assert 2 <= len(finished) < 6, finished
+
+    def lost_the_server(sid: int) -> bool:
+        return any("refused" in r.lower() for r in json.loads((raw / f"{sid:05d}_stats.json").read_text())[
+            "status_dict"])
+
+    # Shards img2dataset finished in the instant between the stage's death (and its server's) and its own.
+    raced = {sid for sid in finished if lost_the_server(sid)}
+    # As a killed download of the old code left it: a finished shard fetched after the server had died.
+    stats_file = raw / f"{finished[1]:05d}_stats.json"
+    stats = json.loads(stats_file.read_text())
+    stats["status_dict"] = {"success": stats["successes"] - 1, REFUSED: 1}
+    stats_file.write_text(json.dumps(stats))
+    sound = set(finished) - raced - {finished[1]}
+    assert finished[0] in sound  # finished while we waited, the server up
+    assert _run_stage(params, root / name) == 0
+    assert not any(lost_the_server(sid) for sid in range(6))  # all fetched again
+    metrics = json.loads((root / name / "metrics" / "download.json").read_text())
+    full_metrics = json.loads((served_uninterrupted / "metrics" / "download.json").read_text())
+    assert (metrics["successes"], metrics["count"]) == (full_metrics["successes"], full_metrics["count"]) \
+        == (SERVED_GOOD, SERVED_GOOD + 2)
+    assert metrics["failures_by_reason"] == full_metrics["failures_by_reason"] == \
+        {"HTTP Error 404: File not found": 1, "image decoding failed: empty file": 1}
+    assert (metrics["shards_reused"], metrics["shards_fetched"]) == (len(sound), 6 - len(sound))
+    full, resumed = served_uninterrupted / "shards", root / name / "shards"
+    names = sorted(p.name for p in full.iterdir() if p.name != "resolved_config.yaml")
+    assert names == sorted(p.name for p in resumed.iterdir() if p.name != "resolved_config.yaml")
+    for name in names:  # byte-identical: DVC sees the same output
+        assert (full / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the stage's processes in /proc")
+@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, -signal.SIGINT)])
+def test_sigterm_sighup_ctrl_c_stop_the_stage_and_its_img2dataset(served_world, sig, rc):
+    """A stop signal to the stage alone (DVC/Prefect cancel, a closed terminal, Ctrl-C) stops img2dataset too, now:
+    not after it has fetched the remaining shards."""
+    root, name = served_world, f"stopped_{sig.name}"
+    raw = root / name / "work" / "raw"
+    params = _served_params(root, name)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "download", "--params", str(params)],
+                            cwd=root / name, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, process_group=0)
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while not list(raw.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        tree = _descendants(proc.pid)
+        os.kill(proc.pid, sig)
+        assert proc.wait(timeout=60) == rc  # img2dataset's clean stop, or SIGKILL after 15 s
+        assert not [cmd for pid, (_, cmd) in _procs().items() if pid in tree or str(raw) in cmd]
+        assert len(finished_shards(raw)) < 6  # stopped, rather than left to finish
+    finally:
+        for pid in tree & set(_procs()):  # only when the test failed
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _fake_shard(raw: Path, stem: str, status: dict[str, int]) -> None:
+    """A finished shard as img2dataset leaves it: tar, parquet (one row per url), stats."""
+    count = sum(status.values())
+    raw.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(raw / f"{stem}.tar", "w"):
+        pass
+    pq.write_table(pa.table({"key": [f"{stem}{i:04d}" for i in range(count)]}), raw / f"{stem}.parquet")
+    (raw / f"{stem}_stats.json").write_text(json.dumps({
+        "count": count, "successes": status.get("success", 0), "status_dict": status}))
+
+
+def test_resume_refuses_shards_fetched_while_the_server_was_gone(tmp_path):
+    raw = tmp_path / "raw"
+    _fake_shard(raw, "00000", {"success": 10})
+    _fake_shard(raw, "00001", {"success": 8, REFUSED: 2})       # our server died during this shard
+    _fake_shard(raw, "00002", {"success": 9, "HTTP Error 404: File not found": 1})
+    _fake_shard(raw, "00003", {REFUSED: 6, CLOSED: 4})          # every row lost: fetched after the server died
+    _fake_shard(raw, "00004", {"success": 5, DNS: 5})
+    _fake_shard(raw, "00005", {DNS: 3, "timed out": 7})         # the network was down
+    _fake_shard(raw, "00006", {"success": 1})
+    (raw / "00006_stats.json").write_text('{"count": 1, "succ')  # a stats file cut short (lost machine)
+    # Our own loopback server (serve_dir): any connection error means it was gone; DNS is no concern of loopback.
+    assert set(discard_unusable(raw, own_server=True)) == {1, 3, 5, 6}
+    assert finished_shards(raw) == {0, 2, 4}  # img2dataset's incremental mode also keys on the stats files
+    assert not list(raw.glob("0000[1356].*"))
+    # Internet url lists have dead hosts: only a shard that lost every row is fetched again.
+    for stem, status in {"00001": {"success": 8, REFUSED: 2}, "00003": {REFUSED: 6, CLOSED: 4},
+                         "00005": {DNS: 3, "timed out": 7}}.items():
+        _fake_shard(raw, stem, status)
+    assert set(discard_unusable(raw, own_server=False)) == {3, 5}
+    assert finished_shards(raw) == {0, 1, 2, 4}
+
+
+def test_failure_reasons_are_one_stable_line(tmp_path):
+    opencv = ("OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:1310: error: (-215:Assertion failed) "
+              "!buf.empty() in function 'imdecode_'\n")
+    assert normalise_reason(opencv) == "image decoding failed: empty file"
+    assert normalise_reason(opencv.replace("4.14.0", "4.9.0").replace("1310", "1001")) == \
+        "image decoding failed: empty file"
+    assert normalise_reason("OpenCV(4.14.0) x.cpp:1: error: (-5:Bad argument) bad in function 'f'\n") == \
+        "image decoding failed: (-5:Bad argument) bad"
+    assert normalise_reason("  first line\nsecond line\n") == "first line"
+    assert normalise_reason(REFUSED) == REFUSED
+    for stem, status in {"00000": {"success": 3, opencv: 1}, "00001": {opencv: 2, "Image decoding error": 1}}.items():
+        (tmp_path / f"{stem}_stats.json").write_text(json.dumps({"count": sum(status.values()),
+                                                                  "status_dict": status}))
+    assert summarize(tmp_path)["failures_by_reason"] == {"image decoding failed: empty file": 3,
+                                                         "Image decoding error": 1}
+
+
+def test_unreachable_tracking_server_fails_before_any_work(world, capsys):
+    root, _, _ = world
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    params = _params(root, "tracking", tracking={"uri": uri})
+    assert _run_stage(params, root / "tracking") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking.uri") and uri in err and "Traceback" not in err
+    assert not (root / "tracking" / "work").exists() and not (root / "tracking" / "shards").exists()
+    assert not (root / "tracking" / "metrics").exists()

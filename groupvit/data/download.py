@@ -44,6 +44,7 @@ from groupvit.config import param, to_dict
 from groupvit.data.server import LoopbackImageServer
 from groupvit.data.urllist import loopback_address, read_url_list
 from groupvit.errors import DataError
+from groupvit.procs import TiedProcess
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 _CONTENT_OPTIONS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_quality", "number_sample_per_shard",
                     "disallowed_header_directives", "min_image_size")
 _TIMING_KEYS = ("duration", "start_time", "end_time")
+_REFETCH_ROUNDS = 2  # extra img2dataset runs for shards that lost connections to our own (running) server
 _TAR_FORMAT = "gnu-sorted-v1"  # bump when normalise_tar's output changes: finished shards are re-normalised
 
 
@@ -144,26 +146,89 @@ def img2dataset_command(cfg: DownloadConfig, input_parquet: Path, raw: Path) -> 
 
 
 def run_img2dataset(cmd: list[str], log_file: Path) -> None:
-    """Run img2dataset, its output appended to `log_file`; on any interruption stop it before re-raising."""
+    """Run img2dataset, its output appended to `log_file`; on any interruption stop it before re-raising.
+
+    It runs as a `TiedProcess`: img2dataset and its pool workers die with this process even when it is killed
+    with SIGKILL (they would otherwise fetch every remaining shard from a server that died with us).
+    """
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1",
                no_proxy=",".join(filter(None, [os.environ.get("no_proxy", ""), "127.0.0.1,localhost"])))
     with open(log_file, "ab") as out:
         out.write(f"\n$ {' '.join(cmd)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = TiedProcess(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             rc = proc.wait()
         except BaseException:
-            # img2dataset's own SIGINT handler stops its logger; its pool workers exit when their queue closes.
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            # img2dataset's own SIGINT handler stops its logger and terminates its pool; the rest is killed after.
+            proc.stop(signal.SIGINT, timeout=15)
             raise
     if rc != 0:
         tail = log_file.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"img2dataset exited with {rc}; last lines of {log_file}:\n" + "\n".join(tail))
+
+
+# Failure reasons are img2dataset's str() of the urllib exception, e.g. "<urlopen error [Errno 111] Connection
+# refused>", "[Errno 104] Connection reset by peer", "Remote end closed connection without response" (the server died
+# before answering), "IncompleteRead(100 bytes read, 4900 more expected)" (died while answering), "timed out".
+_CONNECTION_ERRORS = ("connection refused", "connection reset", "connection aborted", "remote end closed connection",
+                      "broken pipe", "incompleteread", "timed out", "errno 111", "errno 104", "errno 32")
+# ... and, for internet url lists, what a machine without network gets ("<urlopen error [Errno -3] Temporary failure
+# in name resolution>", "[Errno 101] Network is unreachable").
+_NETWORK_ERRORS = _CONNECTION_ERRORS + ("name resolution", "name or service not known", "nodename nor servname",
+                                        "network is unreachable", "no route to host", "errno -2", "errno -3",
+                                        "errno 101", "errno 113")
+
+
+def is_connection_error(reason: str, network: bool = False) -> bool:
+    """Whether an img2dataset failure reason says the connection to the server failed (`network`: or the network)."""
+    text = reason.lower()
+    return any(k in text for k in (_NETWORK_ERRORS if network else _CONNECTION_ERRORS))
+
+
+def reuse_problem(raw: Path, stem: str, own_server: bool) -> str | None:
+    """Why the finished shard `stem` in `raw` must be fetched again, or None when a resume may reuse it.
+
+    A shard img2dataset finished while the image server was gone (a killed download whose img2dataset lived on, a
+    lost network) records every such row as a connection error and would be reused forever. `own_server`: the urls
+    point at our own loopback server, which answers every request while it runs, so any connection error means it
+    was gone. Internet url lists have dead hosts, so only a shard whose every row failed to connect is refused.
+    """
+    try:
+        stats = json.loads((raw / f"{stem}_stats.json").read_text())
+        rows = pq.read_metadata(raw / f"{stem}.parquet").num_rows
+    except (OSError, ValueError) as e:  # killed while writing, or a lost machine's unflushed file
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not (raw / f"{stem}.tar").is_file():
+        return "its tar is missing"
+    count = int(stats.get("count", -1))
+    if rows != count:
+        return f"its parquet has {rows} rows, its stats count {count}"
+    failed = {r: int(n) for r, n in stats.get("status_dict", {}).items() if is_connection_error(r, not own_server)}
+    if not failed or (not own_server and sum(failed.values()) < count):
+        return None
+    worst = max(failed, key=failed.__getitem__)
+    return f"{sum(failed.values())} of {count} rows failed to connect (e.g. {worst!r})"
+
+
+def discard_unusable(raw: Path, own_server: bool) -> dict[int, str]:
+    """Delete the files of every finished shard `reuse_problem` refuses, so img2dataset fetches it again.
+
+    Returns:
+        {shard id: reason} of the discarded shards.
+    """
+    discarded = {}
+    for stats_file in sorted(raw.glob("*_stats.json")) if raw.is_dir() else []:
+        stem = stats_file.name.split("_")[0]
+        problem = reuse_problem(raw, stem, own_server)
+        if problem is None:
+            continue
+        log.warning("%s: shard %s is fetched again: %s", raw, stem, problem)
+        stats_file.unlink()  # first: without it img2dataset and finished_shards() see an unfinished shard
+        for suffix in (".tar", ".parquet"):
+            (raw / f"{stem}{suffix}").unlink(missing_ok=True)
+        discarded[int(stem)] = problem
+    return discarded
 
 
 def _tar_members_fast(buf: memoryview) -> list[tuple[bytes, int, int]] | None:
@@ -284,8 +349,22 @@ def _width(raw: Path) -> int:
     return len(names[0]) if names else 5
 
 
+def normalise_reason(reason: str) -> str:
+    """One stable line per failure kind: OpenCV's multi-line, version- and path-specific assertion texts are mapped
+    to "image decoding failed" (with the assertion, e.g. "(-215:Assertion failed) !buf.empty()" for a 0-byte file);
+    every other reason is reduced to its first line, stripped."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else "unknown error"
+    if first.startswith("OpenCV("):  # "OpenCV(4.14.0) /io/opencv/.../loadsave.cpp:1310: error: (-215:...) ..."
+        detail = first.partition(" error: ")[2].split(" in function ")[0].strip()
+        if "!buf.empty()" in detail:
+            return "image decoding failed: empty file"
+        return f"image decoding failed: {detail}" if detail else "image decoding failed"
+    return first
+
+
 def summarize(output_dir: Path) -> dict[str, Any]:
-    """Success rate and failures by reason over all published shards."""
+    """Success rate and failures by (normalised) reason over all published shards."""
     totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     reasons: dict[str, int] = {}
     for f in sorted(output_dir.glob("*_stats.json")):
@@ -294,7 +373,8 @@ def summarize(output_dir: Path) -> dict[str, Any]:
             totals[k] += int(stats.get(k, 0))
         for reason, n in stats.get("status_dict", {}).items():
             if reason != "success":
-                reasons[reason] = reasons.get(reason, 0) + int(n)
+                key = normalise_reason(reason)
+                reasons[key] = reasons.get(key, 0) + int(n)
     return {**totals, "success_rate": totals["successes"] / max(totals["count"], 1),
             "failures_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))}
 
@@ -316,24 +396,38 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
     state_file, state = prepare_work_dir(cfg, table)
     work, raw, output_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "raw", Path(cfg.output_dir)
     expected = math.ceil(table.num_rows / cfg.number_sample_per_shard)
+    own_server = bool(cfg.serve_dir)
+    discarded = discard_unusable(raw, own_server)  # what the last run left: only verified shards are reused
+    if set(discarded) & set(state["normalised"]):  # before refetching: a fetched-again tar is not normalised
+        state["normalised"] = sorted(set(state["normalised"]) - set(discarded))
+        _write_json(state_file, state)
     before = finished_shards(raw)
-    seconds = 0.0
-    if len(before) < expected:
+    seconds, rounds = 0.0, 0
+    while len(finished_shards(raw)) < expected:
         cmd = img2dataset_command(cfg, work / "input.parquet", raw)
-        log.info("img2dataset: %d rows -> %d shards (%d already finished)", table.num_rows, expected, len(before))
+        log.info("img2dataset: %d rows -> %d shards (%d already finished)", table.num_rows, expected,
+                 len(finished_shards(raw)))
         start = time.perf_counter()
-        if cfg.serve_dir:
+        if own_server:
             host, port = loopback_address(table.column("url"), cfg.url_list)
             with LoopbackImageServer(cfg.serve_dir, host, port):
                 run_img2dataset(cmd, work / "img2dataset.log")
         else:
             run_img2dataset(cmd, work / "img2dataset.log")
-        seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
+        rounds += 1
+        # Our server was up all along, so a connection error now was a transient (a timeout on a loaded machine):
+        # fetch those shards again at once rather than publish shards that differ from an uninterrupted run.
+        fresh = discard_unusable(raw, True) if own_server else {}
+        discarded.update(fresh)
+        if not fresh or rounds > _REFETCH_ROUNDS:
+            break
     after = finished_shards(raw)
     missing = sorted(set(range(expected)) - after)
     if missing:
-        raise DataError(f"{raw}: img2dataset did not finish shards {missing[:10]} (see {work / 'img2dataset.log'}); "
-                        f"rerun to resume")
+        unusable = "; ".join(f"shard {i}: {discarded[i]}" for i in missing if i in discarded)
+        raise DataError(f"{raw}: img2dataset did not finish shards {missing[:10]} (see {work / 'img2dataset.log'})"
+                        + (f", discarded as unusable: {unusable[:300]}" if unusable else "") + "; rerun to resume")
     normalised = set(state["normalised"]) if state.get("tar_format") == _TAR_FORMAT else set()
     state["tar_format"] = _TAR_FORMAT
     width = _width(raw)

@@ -12,7 +12,7 @@ Not an output: `download.work_dir` (data/download_work), img2dataset's raw outpu
 without refetching finished shards; add it to .gitignore (everything under data/ is).
 
 Metrics are printed, written to metrics/download.json and, when a tracking URI is set (`tracking.uri` or
-MLFLOW_TRACKING_URI), logged to MLflow as a `download` run.
+MLFLOW_TRACKING_URI), logged to MLflow as a `download` run; that store is checked before any work.
 """
 from __future__ import annotations
 
@@ -26,24 +26,25 @@ from pathlib import Path
 from groupvit.config import flat_dict, load_section, save_resolved
 from groupvit.data.download import DownloadConfig, download
 from pipelines.common import load, run_stage, stage_parser
+from pipelines.tracking import TrackingConfig, check_reachable, resolve_uri, start_run
 
 METRICS = Path("metrics/download.json")
 
 
-def log_to_mlflow(params_file: str, overrides: list[str], cfg: DownloadConfig, metrics: dict) -> bool:
-    """Log a `download` run only when a tracking URI is set: a download is not an experiment by default."""
-    from pipelines.tracking import TrackingConfig, start_run
-
+def tracking_config(params_file: str, overrides: list[str]) -> TrackingConfig | None:
+    """The `tracking` section when a tracking URI is set (a download is not an experiment by default), else None."""
     tracking = load_section(TrackingConfig, params_file, "tracking", overrides, required=False)
-    if not (tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        return False
+    return tracking if tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") else None
+
+
+def log_to_mlflow(tracking: TrackingConfig, cfg: DownloadConfig, metrics: dict) -> None:
+    """Log a `download` run with the download's params and metrics."""
     import mlflow
 
     with start_run(tracking, "download", tags={"stage": "download"}, log_system_metrics=False):
         mlflow.log_params(flat_dict(cfg, "download."))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_dict(metrics, "download_metrics.json")
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = load(DownloadConfig, args, "download")
+        tracking = tracking_config(args.params, args.overrides)
+        if tracking is not None:  # before any work: an unreachable tracking server fails now, not after the download
+            check_reachable(resolve_uri(tracking))
         if threading.current_thread() is threading.main_thread():
-            # SIGTERM (DVC/Prefect cancellation) unwinds like Ctrl-C: img2dataset and the image server are stopped.
+            # SIGTERM (DVC/Prefect cancellation) and SIGHUP (a closed terminal) unwind like Ctrl-C: img2dataset and
+            # the image server are stopped.
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+            signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
         metrics = download(cfg)
         save_resolved(Path(cfg.output_dir) / "resolved_config.yaml", download=cfg)
         METRICS.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"download: {metrics['successes']}/{metrics['count']} images ({metrics['success_rate']:.1%}) in "
               f"{metrics['shards']} shards ({metrics['shards_fetched']} fetched, {metrics['shards_reused']} reused), "
               f"{metrics['images_per_s']} images/s; failures: {reasons}")
-        if log_to_mlflow(args.params, args.overrides, cfg, metrics):
+        if tracking is not None:
+            log_to_mlflow(tracking, cfg, metrics)
             print("download: metrics logged to MLflow")
         return 0
 
