@@ -8,12 +8,16 @@
    saves docs/mlflow_ablation.png.
 
 Chromium is Debian's package (`apt-get install chromium`); browsers cannot be downloaded here.
+
+Every server and browser it starts is a `groupvit.procs.TiedProcess`: it is stopped on exit, Ctrl-C, SIGTERM and
+SIGHUP, and dies with this process even when that is killed with SIGKILL.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,11 +27,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from groupvit.atomic import atomic_write
 from groupvit.config import load_section
-from pipelines.ablation import AblationConfig
+from groupvit.procs import TiedProcess
+from pipelines.config import AblationConfig, OrchestrationConfig
 from pipelines.serve import api_healthy, start_local_server, stop
 from pipelines.tracking import TrackingConfig, resolve_uri
-from pipelines.workspace import OrchestrationConfig, tool_env
+from pipelines.workspace import tool_env
 
 
 class CheckFailed(RuntimeError):
@@ -48,6 +54,22 @@ def chromium() -> str:
                       "does this for you)")
 
 
+def run_tied(cmd: list[str], timeout: float, check: bool = False) -> bytes:
+    """Run `cmd` as a `TiedProcess` (its whole tree dies with this process); return its stdout.
+
+    Raises:
+        subprocess.TimeoutExpired: it ran for more than `timeout` seconds (the tree is killed).
+        subprocess.CalledProcessError: `check` and it exited non-zero.
+    """
+    with tempfile.TemporaryFile() as out:
+        with TiedProcess(cmd, stdout=out, stderr=subprocess.DEVNULL) as proc:  # __exit__ kills it on an error
+            returncode = proc.wait(timeout)
+        if check and returncode != 0:
+            raise subprocess.CalledProcessError(returncode, cmd)
+        out.seek(0)
+        return out.read()
+
+
 def browse(url: str, screenshot: Path | None = None, wait_ms: int = 15000, size: str = "1440,1000") -> str:
     """Render `url` in headless Chromium; return the DOM after `wait_ms` of (virtual) time, optionally screenshot."""
     with tempfile.TemporaryDirectory(prefix="groupvit-chromium-") as profile:
@@ -55,12 +77,11 @@ def browse(url: str, screenshot: Path | None = None, wait_ms: int = 15000, size:
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={size}",
                 f"--virtual-time-budget={wait_ms}"]
-        dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        dom = run_tied([*base, "--dump-dom", url], timeout=180).decode(errors="replace")
         if screenshot is not None:
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            tmp = screenshot.with_name(f".{screenshot.stem}.tmp.png")
-            subprocess.run([*base, f"--screenshot={tmp}", url], capture_output=True, timeout=180, check=True)
-            os.replace(tmp, screenshot)
+            shot = Path(profile) / "screenshot.png"  # Chromium picks the image format by the suffix
+            run_tied([*base, f"--screenshot={shot}", url], timeout=180, check=True)
+            atomic_write(screenshot, shot.read_bytes())
     return dom
 
 
@@ -99,9 +120,9 @@ def check_prefect(params: Path, out: Path, port: int = 4200) -> str:
             return d if d is not None and d.status is not None and d.status.value == "READY" else None
 
         if ready() is None:  # nobody serves it now (make serve is not running): serve it for the check
-            serve = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--no-server", "--params", str(params)],
-                                     env={**tool_env(), "PREFECT_API_URL": api}, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            serve = TiedProcess([sys.executable, "-m", "pipelines.serve", "--no-server", "--params", str(params)],
+                                env={**tool_env(), "PREFECT_API_URL": api}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
         dep = wait_for(ready, 180, f"a runner serving deployment retrain/{cfg.deployment}")
 
         def scheduled():
@@ -144,9 +165,8 @@ def check_mlflow(params: Path, out: Path) -> str:
         raise CheckFailed(f"no ablation parent run with children in experiment {ablate.experiment!r} of {uri}: "
                           "run `groupvit ablate` first")
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                           "--port", str(port)], env=tool_env(), start_new_session=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    ui = TiedProcess([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                      "--port", str(port)], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
 
@@ -193,4 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so the `finally` blocks stop the servers started for the check cleanly
+    # (a SIGKILL cannot be caught: then their watchdogs kill them).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     sys.exit(main())

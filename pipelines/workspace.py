@@ -1,9 +1,9 @@
 """The DVC workspace as the orchestrators see it (no Prefect here, so the CLI and the tests share it).
 
-- `OrchestrationConfig`: the `prefect:` section of params.yaml (schedule, retries, lock, promotion).
 - `workspace_lock`: an fcntl lock around the DVC workspace, so two overlapping retrains never interleave their
   `dvc repro` calls (DVC's own repo lock only covers one command; a retrain is five of them plus promotion).
-- `run_streaming`: run a command, hand every output line to a callback (Prefect logs), keep the tail for errors.
+- `run_streaming`: run a command, hand every output line to a callback (Prefect logs), keep the tail for errors;
+  the command's whole tree dies with the caller (`groupvit.procs.TiedProcess`).
 - `stage_metrics`: the metrics a `dvc.yaml` stage declares, flattened to `{"file:key.sub": value}`.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,27 +23,10 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from groupvit.config import param
 from groupvit.errors import ConfigError
+from groupvit.procs import TiedProcess
 
 LOCK_NAME = ".dvc/tmp/groupvit-workspace.lock"
-
-
-@dataclass(frozen=True)
-class OrchestrationConfig:
-    """How Prefect runs the pipeline: the `prefect:` section of params.yaml."""
-
-    deployment: str = param("groupvit-retrain", help="name of the served `retrain` deployment")
-    cron: str = param("0 3 * * 1", help="retrain schedule (cron, in `timezone`)")
-    timezone: str = param("UTC", help="IANA time zone of the cron schedule")
-    workdir: str = param(".", help="DVC repository the served flows run in (relative to the params file)")
-    retries: int = param(1, ge=0, help="retries of each stage task")
-    retry_delay_seconds: float = param(30.0, ge=0, help="wait between retries")
-    lock_timeout_seconds: float = param(3600.0, ge=0, help="how long a run waits for another to free the workspace")
-    champion_alias: str = param("champion", help="MLflow registry alias of the best model so far")
-    promote_metric: str = param("evaluate.json:synth_test.groupvit.miou",
-                                help="`<file in metrics/>:<dotted key>` compared for promotion")
-    commit: bool = param(False, help="git-commit dvc.lock and metrics/ after a successful retrain")
 
 
 class WorkspaceBusy(RuntimeError):
@@ -110,20 +94,52 @@ class CommandResult:
 
 
 def run_streaming(cmd: list[str], cwd: str | os.PathLike[str], on_line: Callable[[str], None],
-                  tail_lines: int = 30, env: dict[str, str] | None = None) -> CommandResult:
-    """Run `cmd` in `cwd`, calling `on_line` for each line of its combined output as it arrives."""
+                  tail_lines: int = 30, env: dict[str, str] | None = None,
+                  stop_timeout: float = 60.0) -> CommandResult:
+    """Run `cmd` in `cwd`, calling `on_line` for each line of its combined output as it arrives.
+
+    `cmd` runs as a `TiedProcess`: a `dvc repro` and the stage under it die with this process even when it is
+    SIGKILLed (Prefect's hard cancellation, the OOM killer), instead of writing the workspace on. When this call is
+    interrupted (Ctrl-C, Prefect's SIGTERM cancellation, an error in `on_line`), the whole tree gets SIGINT, as a
+    terminal's Ctrl-C would deliver it (DVC ignores SIGINT while its stage runs: the stage must get it to stop
+    cleanly), and SIGKILL after `stop_timeout` seconds.
+    """
     start = time.monotonic()
     tail: deque[str] = deque(maxlen=tail_lines)
-    with subprocess.Popen(cmd, cwd=cwd, env=env or tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1) as proc:
-        assert proc.stdout is not None
+    proc = TiedProcess(cmd, cwd=cwd, env=env or tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, errors="replace", bufsize=1)
+    assert proc.stdout is not None
+    try:
         for line in proc.stdout:
             line = line.rstrip()
             if line:
                 tail.append(line)
                 on_line(line)
         returncode = proc.wait()
+    except BaseException:
+        _interrupt(proc, stop_timeout)
+        raise
+    finally:
+        proc.stdout.close()
     return CommandResult(returncode, time.monotonic() - start, "\n".join(tail))
+
+
+def _interrupt(proc: TiedProcess, timeout: float) -> None:
+    """SIGINT to every process of `proc`'s tree (its process group), then SIGKILL if it has not ended in `timeout` s.
+
+    The watchdog, which leads the group, forwards its SIGINT to `cmd` too: `cmd` may get two, as from a double Ctrl-C.
+    """
+    if proc.poll() is not None:  # ended and reaped: its group id may belong to someone else by now
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    except BaseException:  # a second Ctrl-C while waiting: no more patience
+        proc.kill()
+        raise
 
 
 def load_dvc_yaml(workdir: str | os.PathLike[str]) -> dict[str, Any]:
