@@ -1,6 +1,8 @@
 """`groupvit evaluate` and `groupvit segment` end to end: a tiny synthetic world, real (tiny) models, sqlite MLflow."""
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -12,6 +14,7 @@ from PIL import Image
 
 from groupvit.checkpoint import load_pretrained, save_pretrained, weights_digest
 from groupvit.config import build
+from groupvit.evaluation.config import EvaluateConfig
 from groupvit.model import GroupViT, ModelConfig
 from groupvit.synth import CaptionStyle, WorldSpec, write_world
 from pipelines.stages import evaluate as stage
@@ -69,10 +72,26 @@ def write_params(tmp_path: Path, world: Path, model_dirs: dict[str, Path], **ext
     return path
 
 
+def plant_stale_temporaries(targets: list[Path]) -> list[Path]:
+    """The temporaries a writer killed between its write and its rename leaves beside each target (groupvit.atomic's
+    names, with the pid of a process that has exited): the next atomic write of a target removes its own."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    stale = [t.with_name(f".{t.name}.tmp{child.pid}") for t in targets]
+    for s in stale:
+        s.parent.mkdir(parents=True, exist_ok=True)
+        s.write_text("half")
+    return stale
+
+
 @pytest.mark.slow
 def test_evaluate_writes_metrics_tables_pictures_and_mlflow_run(tmp_path, world, models):
     params = write_params(tmp_path, world, models)
+    written = [tmp_path / p for p in ("metrics/evaluate.json", "metrics/per_class_iou.csv", "eval/per_class_iou.csv",
+                                      "eval/thresholds.json", "eval/pictures/synth_test_000_test_000000_groupvit.png")]
+    stale = plant_stale_temporaries(written)
     assert stage.main(["--params", str(params)]) == 0
+    assert all(p.is_file() for p in written) and not [s for s in stale if s.exists()]  # every file via groupvit.atomic
 
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     assert set(metrics) == {"synth_val", "synth_test", "classification", "comparison"}  # optional VOC skipped
@@ -152,9 +171,10 @@ def test_segment_demo_writes_overlay(tmp_path, world, models, capsys):
     image = world / "test" / "JPEGImages" / sorted(p.name for p in (world / "test/JPEGImages").iterdir())[0]
     out = tmp_path / "demo.png"
     params = write_params(tmp_path, world, models)
+    stale = plant_stale_temporaries([out])
     rc = segment.main([str(image), "--classes", "cat, dog,sky", "--model", str(models["groupvit"]), "--out", str(out),
                        "--params", str(params)])
-    assert rc == 0 and Image.open(out).size[0] > 300
+    assert rc == 0 and Image.open(out).size[0] > 300 and not stale[0].exists()  # written by groupvit.atomic
     printed = capsys.readouterr().out
     assert "demo.png:" in printed and "(bg_thresh 0.95)" in printed  # no tuned threshold on record: VOC's
     # with a threshold on record for these weights, the demo uses it; one tuned for other weights it ignores
@@ -170,7 +190,7 @@ def test_segment_demo_writes_overlay(tmp_path, world, models, capsys):
     tuned.write_text(json.dumps({"groupvit": {"weights_sha256": digest}}))  # a hand-edited file without the value
     assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
                          "--params", str(params)]) == 2
-    assert "thresholds.json: groupvit.bg_thresh: expected a number, found None" in capsys.readouterr().err
+    assert "thresholds.json: groupvit.bg_thresh: expected a number in [0, 1], found None" in capsys.readouterr().err
     assert segment.main([str(image), "--classes", "cat", "--model", str(models["groupvit"]), "--out", str(out),
                          "--params", str(params), "--bg-thresh", "0.7"]) == 0
     assert "(bg_thresh 0.7)" in capsys.readouterr().out
@@ -228,7 +248,7 @@ def test_tiny_trained_model_beats_all_background(tmp_path):
                                  "short_side": 0, "sweep": [0.1, 0.5, 0.95, 1.0]}],
                "num_pictures": 0, "output_dir": str(tmp_path / "eval"),
                "metrics_file": str(tmp_path / "evaluate.json"), "per_class_file": str(tmp_path / "per_class.csv")}
-    results = stage.evaluate(build(stage.EvaluateConfig, section, "evaluate"))
+    results = stage.evaluate(build(EvaluateConfig, section, "evaluate"))
     val = results["synth_val"]
     assert val["groupvit"]["best_miou"] > val["all_background_miou"] + 5, val
 

@@ -2,11 +2,13 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from groupvit.evaluation.classification import ClassificationAccuracy, class_embeddings, topk_correct
+from groupvit.errors import DataError
+from groupvit.evaluation.classification import ClassificationAccuracy, class_embeddings, templates_of, topk_correct
 from groupvit.evaluation.diagnostics import mean_pairwise_cosine, oracle_labels
-from groupvit.evaluation.metrics import ConfusionMatrix
+from groupvit.evaluation.metrics import ConfusionMatrix, all_background_miou
 
 
 def brute_force(preds, targets, num_classes, ignore=255):
@@ -61,6 +63,18 @@ def test_perfect_and_all_background_predictions():
     assert abs(r.miou - (3 / 7) / 3) < 1e-12
 
 
+def test_all_background_miou_from_the_ground_truth_totals_of_any_prediction():
+    # rows = ground truth: 6 background pixels, 3 of class 1, none of class 2, 1 of class 3; columns do not matter
+    counts = torch.tensor([[4, 2, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
+    assert all_background_miou(counts) == pytest.approx((6 / 10 + 0 + 0) / 3)  # class 2 absent: not in the mean
+    # the same as scoring an all-background prediction with the confusion matrix
+    t = torch.tensor([0] * 6 + [1] * 3 + [3])
+    cm = ConfusionMatrix(4)
+    cm.update(torch.zeros_like(t), t)
+    assert all_background_miou(counts) == pytest.approx(cm.result().miou)
+    assert all_background_miou(torch.tensor([[0, 0], [2, 3]])) == 0.0  # no background: 0 for it and for class 1
+
+
 def test_oracle_labels_groups_by_majority():
     groups = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
     target = torch.tensor([[2, 2, 1, 0], [2, 255, 1, 1]])
@@ -102,3 +116,26 @@ def test_topk_accuracy():
     acc = ClassificationAccuracy(torch.eye(3))
     acc.update(logits, labels)
     assert acc.result()["top1"] == 100 / 3 and acc.result()["top5"] == 100.0
+
+
+def test_templates_of_one_template_a_file_or_a_resource(tmp_path):
+    assert templates_of("a photo of a {}.") == ["a photo of a {}."]
+    f = tmp_path / "mine.txt"
+    f.write_text("a {}.\n\n  itap of a {}.  \n")
+    assert templates_of(str(f)) == ["a {}.", "itap of a {}."]  # stripped, blank lines dropped
+    assert len(templates_of("imagenet_templates_subset_7.txt")) == 7
+    assert all("{}" in t for t in templates_of("imagenet_templates_80.txt"))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("a photo of a cat.", "'a photo of a cat.' has none"),
+    ("none_such_templates.txt", "none_such_templates.txt: no such template file"),
+    ("EMPTY", "the file is empty"),
+    ("NOBRACES", "'art of the thing.' has none"),
+])
+def test_templates_of_names_the_key_and_the_problem(tmp_path, value, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "nobraces.txt").write_text("a {}.\nart of the thing.\n")
+    value = {"EMPTY": str(tmp_path / "empty.txt"), "NOBRACES": str(tmp_path / "nobraces.txt")}.get(value, value)
+    with pytest.raises(DataError, match=f"^evaluate.templates: .*{message}"):
+        templates_of(value, "evaluate.templates")

@@ -18,6 +18,7 @@ from groupvit.errors import ConfigError
 from groupvit.evaluation.datasets import SegmentationDataset
 from groupvit.synth import CATEGORIES, CaptionStyle, WorldSpec, generate, ignore_borders, make_scene
 from groupvit.synth.backgrounds import BACKGROUNDS
+from groupvit.synth.config import SynthConfig, check_url_base
 from groupvit.synth.writer import encode_jpeg, voc_palette, write_world
 from pipelines.stages import synth as stage
 
@@ -33,12 +34,12 @@ def params(tmp_path: Path, **synth) -> Path:
 
 
 def test_preset_fills_only_unset_sizes(tmp_path):
-    cfg = load_section(stage.SynthConfig, params(tmp_path, num_train=5), "synth")
+    cfg = load_section(SynthConfig, params(tmp_path, num_train=5), "synth")
     assert (cfg.num_train, cfg.num_val, cfg.num_test, cfg.image_size) == (5, 8, 8, 32)
-    default = load_section(stage.SynthConfig, params(tmp_path, preset="default"), "synth")
+    default = load_section(SynthConfig, params(tmp_path, preset="default"), "synth")
     assert default.num_train == 40000 and default.image_size == 64
     # The project's params.yaml is valid and uses every category.
-    project = load_section(stage.SynthConfig, Path(__file__).parents[1] / "params.yaml", "synth")
+    project = load_section(SynthConfig, Path(__file__).parents[1] / "params.yaml", "synth")
     assert project.categories == tuple(c.name for c in CATEGORIES)
 
 
@@ -65,7 +66,7 @@ def test_preset_fills_only_unset_sizes(tmp_path):
 def test_config_errors_name_key_and_expectation(tmp_path, capsys, synth, needles):
     p = params(tmp_path, **synth)
     with pytest.raises(ConfigError) as e:
-        load_section(stage.SynthConfig, p, "synth")
+        load_section(SynthConfig, p, "synth")
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
     # The stage reports the same error as one line, exit code 2, and writes nothing.
@@ -99,8 +100,8 @@ def test_category_subset_sets_the_class_list(tmp_path):
 
 
 def test_url_base_normalised():
-    assert stage.check_url_base("http://localhost:8000/") == "http://localhost:8000"
-    assert stage.check_url_base("http://[::1]:9000") == "http://[::1]:9000"
+    assert check_url_base("http://localhost:8000/") == "http://localhost:8000"
+    assert check_url_base("http://[::1]:9000") == "http://[::1]:9000"
 
 
 # ---------------------------------------------------------------- scenes and masks
@@ -264,7 +265,7 @@ def test_stage_writes_voc_layout_the_evaluation_reader_accepts(tmp_path, capsys)
     assert stage.main(["--params", str(p)]) == 0
     assert "64 training images" in capsys.readouterr().out
     out = tmp_path / "w"
-    cfg = load_section(stage.SynthConfig, p, "synth")
+    cfg = load_section(SynthConfig, p, "synth")
     spec = cfg.world_spec()
     for split in ("val", "test"):
         ds = SegmentationDataset(out / split, layout="voc", split="val")
@@ -333,4 +334,4 @@ def test_jpeg_and_palette_are_fixed():
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     assert encode_jpeg(image, 90) == encode_jpeg(image.copy(), 90)
     palette = voc_palette()
-    assert palette[3 * 255:3 * 256] == [224, 224, 192] and palette[3 * 15:3 * 16] == [192, 128, 128]
+    assert palette[255].tolist() == [224, 224, 192] and palette[15].tolist() == [192, 128, 128]

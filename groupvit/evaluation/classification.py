@@ -2,14 +2,40 @@
 embeddings, then L2-normalise; score = normalised image embedding . class embedding, top-1 / top-5)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from groupvit.errors import DataError
+from groupvit.evaluation.datasets import read_lines, resource_lines
 
 SEGMENTATION_TEMPLATE = "a photo of a {}."
+
+
+def templates_of(value: str, where: str = "templates") -> list[str]:
+    """Prompt templates: `value` itself, or the lines of a `.txt` file (or of a resource in `groupvit/resources/`).
+
+    Args:
+        value: one template with `{}` for the class name, or a `.txt` file/resource name with one per line.
+        where: the params key it came from, for the error message.
+
+    Raises:
+        DataError: the `.txt` is neither a file nor a resource, is empty, or a template lacks `{}`.
+    """
+    if not value.endswith(".txt"):
+        templates = [value]
+    else:
+        try:
+            templates = read_lines(Path(value)) if Path(value).is_file() else resource_lines(value)
+        except FileNotFoundError:
+            raise DataError(f"{where}: {value}: no such template file (nor a resource in groupvit/resources)") from None
+    without = [t for t in templates if "{}" not in t]
+    if not templates or without:
+        found = f"{without[0]!r} has none" if without else "the file is empty"
+        raise DataError(f"{where}: {value}: expected prompt templates with '{{}}' for the class name; {found}")
+    return templates
 
 
 @torch.no_grad()

@@ -68,3 +68,17 @@ class SegmentationScores:
         k = 100.0 if percent else 1.0
         return {"miou": round(self.miou * k, 4), "pixel_accuracy": round(self.pixel_accuracy * k, 4),
                 "mean_accuracy": round(self.mean_accuracy * k, 4)}
+
+
+def all_background_miou(counts: torch.Tensor) -> float:
+    """mIoU of predicting background everywhere: the floor a model has to beat on a data set.
+
+    From the ground-truth totals of a confusion matrix (rows = ground truth, class 0 = background) alone: background
+    scores TP / (TP + FP) = (its pixels) / (all pixels), and every other class present in the ground truth scores 0.
+
+    Args:
+        counts: [C, C] confusion counts of any prediction on the data set.
+    """
+    gt = counts.sum(dim=1).double()  # [C] pixels of each class in the ground truth
+    ious = [gt[0] / gt.sum()] + [0.0 for c in range(1, len(gt)) if gt[c] > 0]
+    return float(sum(ious) / len(ious))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -14,21 +14,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from groupvit.evaluation.datasets import IGNORE_INDEX  # noqa: E402
-
-
-def voc_palette(n: int = 256) -> np.ndarray:
-    """[n, 3] uint8 colours of the PASCAL VOC colour map (bits of the class index spread over R, G, B)."""
-    pal = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
+from groupvit.atomic import atomic_write  # noqa: E402
+from groupvit.evaluation.datasets import IGNORE_INDEX, SegmentationDataset  # noqa: E402
+from groupvit.evaluation.palette import voc_palette  # noqa: E402
+from groupvit.evaluation.segmentation import Segmenter, stage_group_maps  # noqa: E402
 
 
 def group_palette(n: int, seed: int = 0) -> np.ndarray:
@@ -96,11 +85,40 @@ def segmentation_figure(image: torch.Tensor, pred: torch.Tensor, class_names: Se
     return buf.getvalue()
 
 
-def write_png(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write bytes atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+def prediction_figure(segmenter: Segmenter, image: torch.Tensor, pred: torch.Tensor, class_names: Sequence[str],
+                      target: torch.Tensor | None = None, title: str = "") -> bytes:
+    """`segmentation_figure` of a segmenter's prediction, with the groups of each of its stages on `image`.
+
+    Args:
+        segmenter: what predicted `pred` (its model gives the groups).
+        image: uint8 [3, H, W].
+        pred: [H, W] class indices (0 = background).
+        class_names: names including background.
+        target: [H, W] ground truth or None.
+        title: figure title.
+    """
+    groups = stage_group_maps(segmenter, image)
+    return segmentation_figure(image, pred, class_names, target, groups, title=title)
+
+
+def write_pictures(folder: str | os.PathLike[str], dataset: SegmentationDataset, segmenters: Mapping[str, Segmenter],
+                   data_set: str, thresholds: Mapping[str, float], count: int) -> list[Path]:
+    """Pictures of the first `count` images of a data set, one per model, each written atomically.
+
+    Args:
+        folder: where the PNGs go, as `<data set>_<index>_<image id>_<model>.png`.
+        dataset: the images and their ground truth.
+        segmenters: each model's segmenter for the data set, by model name.
+        data_set: the data set's name (file names, titles).
+        thresholds: each model's background threshold.
+        count: number of images.
+    """
+    paths = []
+    for i in range(min(count, len(dataset))):
+        sample = dataset[i]
+        for name, seg in segmenters.items():
+            pred = seg.predict(sample.image[None], thresholds[name])[0]
+            png = prediction_figure(seg, sample.image, pred, dataset.class_names, sample.mask,
+                                    title=f"{data_set} {sample.id} - {name}")
+            paths.append(atomic_write(Path(folder) / f"{data_set}_{i:03d}_{sample.id}_{name}.png", png))
+    return paths

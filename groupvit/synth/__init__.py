@@ -7,7 +7,7 @@ and its label map), `captions`, `writer` (splits on disk, url list for img2datas
 from groupvit.synth.captions import CaptionStyle, make_caption
 from groupvit.synth.categories import CATEGORIES, CATEGORY_NAMES
 from groupvit.synth.scene import IGNORE_INDEX, Scene, WorldSpec, ignore_borders, make_scene
-from groupvit.synth.writer import atomic_dir, generate, write_world
+from groupvit.synth.writer import generate, write_world
 
-__all__ = ["CATEGORIES", "CATEGORY_NAMES", "CaptionStyle", "IGNORE_INDEX", "Scene", "WorldSpec", "atomic_dir",
-           "generate", "ignore_borders", "make_caption", "make_scene", "write_world"]
+__all__ = ["CATEGORIES", "CATEGORY_NAMES", "CaptionStyle", "IGNORE_INDEX", "Scene", "WorldSpec", "generate",
+           "ignore_borders", "make_caption", "make_scene", "write_world"]

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
-import shutil
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from groupvit.evaluation.palette import voc_palette
 from groupvit.synth.captions import CaptionStyle, make_caption
 from groupvit.synth.scene import Scene, WorldSpec, ignore_borders, make_scene
 
@@ -49,22 +47,7 @@ def generate(spec: WorldSpec, style: CaptionStyle, seed: int, split: str, index:
     return scene, make_caption(scene, spec, style, caption_rng)
 
 
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (768 values): class i gets the bit-interleaved colour of i; 255 is (224, 224, 192)."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-_PALETTE = voc_palette()
+_PALETTE = voc_palette().ravel().tolist()  # 768 ints (R, G, B of index 0, 1, ...), as PIL takes it
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -133,7 +116,7 @@ def write_world(out: Path, spec: WorldSpec, style: CaptionStyle, *, seed: int, c
     """Write every split of the world into the (new or empty) folder `out`; return a summary for logs and metrics.
 
     Args:
-        out: destination folder (use `atomic_dir` to write it all-or-nothing).
+        out: destination folder (use `groupvit.atomic.atomic_dir` to write it all-or-nothing).
         spec: image parameters; style: caption parameters.
         seed: the world's seed; counts: images per split (`train`, `val`, `test`).
         url_base: `http://127.0.0.1:PORT`; the url of a training image is `{url_base}/<key>.jpg`.
@@ -183,25 +166,3 @@ def write_world(out: Path, spec: WorldSpec, style: CaptionStyle, *, seed: int, c
         "category_frequency": {name: frequency[name] for name in spec.categories},
     }
 
-
-@contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `out`; on success it replaces `out`, on failure it is removed.
-
-    A failed or interrupted run therefore never leaves a half-written world in place of a previous good one.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

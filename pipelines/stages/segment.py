@@ -3,7 +3,9 @@
 Writes the evaluation picture (image, prediction with a class legend, the groups of each stage) to `--out`. Prompt
 templates, top-k and the assignment mode come from the `evaluate` section of params.yaml; whole-image mode as the
 reference demo. The background threshold defaults to the one the evaluate stage tuned for these weights
-(`<evaluate.output_dir>/thresholds.json`, matched by the weights' digest), else 0.95 (VOC). Not a DVC stage.
+(`<evaluate.output_dir>/thresholds.json`, matched by the weights' digest: `groupvit.evaluation.thresholds`), else
+0.95 (VOC). The work is `groupvit.evaluation.inference.segment_image`, the code path `groupvit evaluate` uses too.
+Not a DVC stage.
 
 Image size: after the short-side resize the image the model sees is capped at 4096 px on its long side and
 2048 x 2048 px in all (scaled down, keeping the ratio); an image more elongated than 64:1 is refused before the model
@@ -11,10 +13,8 @@ is loaded (`groupvit.evaluation.limits.inference_size`, shared with `groupvit ev
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from groupvit.errors import DataError
 from groupvit.evaluation.limits import MAX_ASPECT_RATIO, MAX_LONG_SIDE, MAX_PIXELS, inference_size
@@ -30,32 +30,6 @@ def parse_classes(value: str) -> list[str]:
     if "background" in names:
         raise DataError("--classes: 'background' is implicit (pixels under --bg-thresh), do not list it")
     return names
-
-
-def tuned_threshold(cfg: Any, digest: str) -> tuple[float, str] | None:
-    """(threshold, data set) the evaluate stage tuned for the weights with this digest, or None.
-
-    `<evaluate.output_dir>/thresholds.json` keeps each model's threshold with the digest of the weights it was
-    tuned on, so a model retrained (or replaced) since the last `groupvit evaluate` never gets a stale threshold.
-    """
-    from pipelines.stages.evaluate import THRESHOLDS_FILE
-
-    path = Path(cfg.output_dir) / THRESHOLDS_FILE
-    if not path.is_file():
-        return None
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{path}: not valid JSON (written by groupvit evaluate); pass --bg-thresh") from None
-    for name, entry in entries.items():
-        if isinstance(entry, dict) and entry.get("weights_sha256") == digest:
-            if not isinstance(entry.get("bg_thresh"), (int, float)):
-                raise DataError(f"{path}: {name}.bg_thresh: expected a number, found {entry.get('bg_thresh')!r}")
-            return float(entry["bg_thresh"]), entry.get("data_set", name)
-    stale = [str(e.get("model")) for e in entries.values() if isinstance(e, dict)]
-    log.warning("%s: no threshold tuned for these weights (tuned for %s; retrained since `groupvit evaluate`?)",
-                path, ", ".join(stale) or "no model")
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        from groupvit.atomic import atomic_write
+        from groupvit.evaluation.config import EvaluateConfig, ModelSpec
         from groupvit.evaluation.datasets import read_image
-        from groupvit.evaluation.segmentation import Segmenter, SegmentationSettings, stage_group_maps
-        from groupvit.evaluation.visualize import segmentation_figure, write_png
-        from groupvit.model import IMAGENET_MEAN, IMAGENET_STD
-        from pipelines.stages.evaluate import EvaluateConfig, LoadedModel, ModelSpec, templates_of
+        from groupvit.evaluation.inference import LoadedModel, segment_image
+        from groupvit.evaluation.thresholds import tuned_threshold
 
         cfg = load(EvaluateConfig, args, "evaluate")
         names = parse_classes(args.classes)
@@ -91,21 +65,15 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--model {args.model}: model folder not found (train one with `dvc repro train`)")
         model = LoadedModel(ModelSpec("model", args.model), cfg.precision)
         if bg_thresh is None:
-            tuned = tuned_threshold(cfg, model.digest)
+            tuned = tuned_threshold(cfg.output_dir, model.digest)
             bg_thresh = tuned[0] if tuned else 0.95
             log.info("background threshold %s (%s)", bg_thresh,
                      f"tuned on {tuned[1]} by groupvit evaluate" if tuned else "VOC default; none tuned for this model")
-        short = args.short_side if args.short_side is not None else 2 * model.model.cfg.image_size
-        settings = SegmentationSettings("whole", short, MAX_LONG_SIDE, 1, 1, cfg.top_k, cfg.assignment == "hard")
-        text = model.text_embeddings(names, templates_of(cfg.templates))
-        seg = Segmenter(model.segmentation_outputs, text, model.logit_scale, settings, IMAGENET_MEAN, IMAGENET_STD)
-        pred = seg.predict(image[None], bg_thresh)[0]
-        png = segmentation_figure(image, pred, ["background", *names], None, stage_group_maps(seg, image),
-                                  title=f"{Path(args.image).name}: {', '.join(names)}")
-        out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_segmentation.png")
-        write_png(out, png)
-        present = [(["background", *names][c], float((pred == c).float().mean())) for c in pred.unique().tolist()]
-        print(f"{out}: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in present) + f" (bg_thresh {bg_thresh:g})")
+        result = segment_image(model, image, names, cfg, bg_thresh, args.short_side,
+                               title=f"{Path(args.image).name}: {', '.join(names)}")
+        out = atomic_write(args.out or f"{Path(args.image).stem}_segmentation.png", result.picture)
+        print(f"{out}: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in result.fractions()) +
+              f" (bg_thresh {bg_thresh:g})")
         return 0
 
     return run_stage(body)
