@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from pipelines.launch import LaunchOptions, launch, run_forwarding_signals, worker_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # dense tensor-core peak (bf16/fp16, no sparsity) per GPU, TFLOPS
@@ -63,17 +65,10 @@ def worker(args: argparse.Namespace) -> None:
     """One process of one variant: train burn-in + timed steps, rank 0 prints a RESULT line."""
     from groupvit.losses import GroupViTLoss
     from groupvit.model import GroupViT, ModelConfig
-    from groupvit.training import TrainConfig, destroy_distributed, fit, init_distributed
-    from groupvit.training.distributed import device_for
+    from groupvit.training import TrainConfig, fit
 
-    info = init_distributed(120)
-    try:
-        device = device_for(info) if args.device == "cuda" else torch.device("cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+    # the train stage's worker set-up: process group, device, threads per process / TF32 and cuDNN autotuning
+    with worker_process(120, threads=args.threads, cpu=args.device == "cpu") as (info, device):
         torch.manual_seed(0)
         mcfg = ModelConfig(preset=args.config)
         model = GroupViT(mcfg)
@@ -100,25 +95,24 @@ def worker(args: argparse.Namespace) -> None:
             backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
             print("RESULT " + json.dumps({"images_per_s": windows[-1], "k": k, "backend": backend,
                                           "flops_per_sample": flops_per_sample(mcfg, k, train=True)}), flush=True)
-    finally:
-        destroy_distributed()
 
 
 def run_variant(args: argparse.Namespace, config: str, nproc: int, batch: int) -> dict:
     inner = ["--worker", f"--config={config}", f"--batch={batch}", f"--steps={args.steps}", f"--device={args.device}",
              f"--precision={args.precision}", f"--threads={args.threads}"] + (["--compile"] if args.compile else [])
     script = str(Path(__file__).resolve())
-    if nproc > 1 or args.torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
-               *inner]
-    else:
-        cmd = [sys.executable, script, *inner]
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        sys.exit(f"{config} x{nproc} failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as out:  # the workers' output, shown only when the variant fails
+        if nproc > 1 or args.torchrun:  # the train stage's launcher: torchrun, signals forwarded
+            rc = launch(LaunchOptions(nproc=nproc), [script, *inner], env=env, cwd=str(ROOT), output=out)
+        else:
+            rc = run_forwarding_signals([sys.executable, script, *inner], env=env, cwd=str(ROOT), output=out)
+        out.seek(0)
+        text = out.read()
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    if rc != 0 or not lines:
+        sys.exit(f"{config} x{nproc} failed (exit {rc}):\n{text[-6000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 

@@ -5,14 +5,17 @@ project (`sqlite:///<project root>/mlflow.db`, artifacts in `<project root>/mlar
 reached fails *before* any work with a message naming the URI, instead of after an hour of training.
 
     cfg = load(TrackingConfig, args, "tracking")
-    with start_run(cfg, "train", tags={"git_commit": git_commit()}) as run:
-        mlflow.log_metric("loss", 1.0, step=0)
+    with start_run(cfg, "evaluate", tags={"git_commit": git_commit()}) as run:
+        mlflow.log_metric("miou", 0.5)
+
+`RunTracker` is the train stage's run: resumed with its checkpoints, rank 0 only, registering the trained model.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import urllib.error
@@ -24,11 +27,13 @@ from urllib.parse import urlparse
 
 import yaml
 
+from groupvit.atomic import atomic_write
 from groupvit.config import param
 from groupvit.errors import ConfigError, DataError
 
 # Set before mlflow is imported anywhere in the process: no network calls from a tracking library.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+log = logging.getLogger("groupvit.train")  # RunTracker's messages belong to the train stage's output
 
 
 @dataclass(frozen=True)
@@ -201,10 +206,7 @@ def write_model_record(model_dir: str | os.PathLike[str], record: Mapping[str, A
     path = Path(model_dir) / MODEL_RECORD
     text = json.dumps({**record, "safetensors_sha256": _file_sha256(Path(model_dir) / "model.safetensors")},
                       indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text)
 
 
 def read_model_record(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -249,3 +251,94 @@ def register_model(name: str, run_id: str, artifact_path: str = "model") -> str:
         client.create_registered_model(name, description="GroupViT weights (model.safetensors + config.json)")
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     return str(client.create_model_version(name, source=source, run_id=run_id).version)
+
+
+# ---- the train stage's run -----------------------------------------------------------------------------------------
+
+class RunTracker:
+    """Rank 0's MLflow run of `groupvit train`: resolved config as params, git/DVC tags, per-log-step metrics, system
+    metrics, the model files and loss curve as artifacts, and a model-registry version. A no-op when not `enabled`
+    (the other ranks).
+
+    A resumed training continues the MLflow run of its checkpoints (its id is kept in `<train dir>/mlflow_run.json`).
+
+        tracker = RunTracker(cfg, train_dir, enabled=info.is_main)
+        with tracker.run(params, data_paths=(shards, nouns), resume=will_resume(...)):
+            fit(..., log_fn=tracker.log_metrics)
+            registered = tracker.finish(model_dir, metrics, curve_csv)
+    """
+
+    def __init__(self, cfg: TrackingConfig, train_dir: Path, enabled: bool, run_name: str = "train"):
+        self.cfg, self.enabled, self.run_name = cfg, enabled, run_name
+        self.run_file = Path(train_dir) / "mlflow_run.json"
+        self.run_id, self.uri = "", ""
+
+    def _resumable_run(self, resume: bool) -> str | None:
+        """The run id in `mlflow_run.json` when resuming into the same store and experiment and the run still exists."""
+        if not (resume and self.run_file.is_file()):
+            return None
+        import mlflow
+
+        saved = json.loads(self.run_file.read_text())
+        if saved.get("tracking_uri") != self.uri or saved.get("experiment") != self.cfg.experiment:
+            return None
+        try:
+            return mlflow.get_run(saved["run_id"]).info.run_id
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    @contextlib.contextmanager
+    def run(self, params: dict[str, Any], data_paths: tuple[str, ...], resume: bool) -> Iterator[None]:
+        """Open the MLflow run: the checkpoints' run when `resume` (training continues them), else a new one.
+
+        Args:
+            params: flat `{key: value}` logged as MLflow params (a resumed run keeps the values it logged first).
+            data_paths: the input data folders, tagged with their dvc.lock hashes (`dvc.<path>`).
+            resume: the training continues its checkpoints (`groupvit.training.will_resume`).
+        """
+        if not self.enabled:
+            yield
+            return
+        import mlflow
+
+        self.uri = setup(self.cfg)
+        resume_id = self._resumable_run(resume)
+        tags = {"stage": "train", "git_commit": git_commit(),
+                **{f"dvc.{path}": md5 for path, md5 in dvc_data_hashes(data_paths).items()}}
+        with mlflow.start_run(run_id=resume_id, run_name=None if resume_id else self.run_name,
+                              log_system_metrics=self.cfg.system_metrics) as run:
+            self.run_id = run.info.run_id
+            mlflow.set_tags(tags)
+            atomic_write(self.run_file, json.dumps({"run_id": self.run_id, "tracking_uri": self.uri,
+                                                    "experiment": self.cfg.experiment}) + "\n")
+            logged = mlflow.get_run(self.run_id).data.params
+            changed = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
+            if changed:
+                log.warning("resumed MLflow run %s keeps its original values of %s", self.run_id, ", ".join(changed))
+            mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+            yield
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """`fit`'s `log_fn`: one MLflow metric per key at `step`."""
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_metrics(metrics, step=step)
+
+    def finish(self, model_dir: Path, metrics: dict[str, Any], curve: Path) -> dict[str, Any] | None:
+        """Log the final model, metrics and curve; register the model. Returns where it is registered (the record
+        `write_model_record` keeps beside the weights), None when not enabled."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        mlflow.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_artifacts(str(model_dir), "model")
+        mlflow.log_artifact(str(curve))
+        out = {"run_id": self.run_id, "tracking_uri": self.uri, "experiment": self.cfg.experiment,
+               "artifact_uri": mlflow.get_artifact_uri("model")}
+        if self.cfg.registered_model:
+            version = register_model(self.cfg.registered_model, self.run_id, "model")
+            out.update(name=self.cfg.registered_model, version=int(version),
+                       model_uri=f"models:/{self.cfg.registered_model}/{version}")
+        return out

@@ -3,6 +3,7 @@ accounting is strict (names the tensor and both shapes), the documented leftover
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -278,13 +279,59 @@ def test_documented_key_map_matches_the_code():
 
 
 def test_reads_the_trainers_model_folder_and_prefixed_keys(model, tmp_path):
-    from groupvit.training.checkpointing import save_model
+    from groupvit.config import save_resolved
 
-    save_model(tmp_path / "model", model.state_dict(), config_to_dict(CFG))  # what `groupvit train` writes
+    # what `groupvit train` writes as data/model
+    save_pretrained(model, tmp_path / "model", extra=lambda tmp: save_resolved(tmp / "resolved_config.yaml", model=CFG))
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors",
+                                                                      "resolved_config.yaml"]
     assert_same_tensors(groupvit.load_pretrained(tmp_path / "model").state_dict(), model.state_dict())
     ddp = {f"module.{k}": v for k, v in keymap.ours_to_official(model.state_dict()).items()}
     torch.save({"model": ddp}, tmp_path / "ddp.pth")
     assert_same_tensors(groupvit.load_pretrained(tmp_path / "ddp.pth", config=CFG).state_dict(), model.state_dict())
+
+
+def test_the_model_folder_writer_keeps_the_trainers_bytes(model, tmp_path):
+    """One writer for `groupvit train`'s data/model, `save_pretrained` and `groupvit convert`: config.json is the
+    ModelConfig in field order (the bytes the train stage always wrote, so data/model keeps its DVC hash); the HF
+    layout keeps transformers' sorted keys."""
+    from safetensors.torch import save as safetensors_bytes
+
+    save_pretrained(model, tmp_path / "ours")
+    assert (tmp_path / "ours/config.json").read_text() == json.dumps(config_to_dict(CFG), indent=2) + "\n"
+    fp32 = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+            for k, v in model.state_dict().items()}  # the trainer's former save_model
+    assert (tmp_path / "ours/model.safetensors").read_bytes() == safetensors_bytes(fp32, metadata={"format": "pt"})
+    export_hf(model, tmp_path / "hf")
+    text = (tmp_path / "hf/config.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_both_config_json_key_orders_load(model, tmp_path):
+    """`groupvit convert` wrote config.json with sorted keys before it shared the trainer's writer: both forms load."""
+    save_pretrained(model, tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    config = json.loads((tmp_path / "new/config.json").read_text())
+    (tmp_path / "old/config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    assert (tmp_path / "old/config.json").read_text() != (tmp_path / "new/config.json").read_text()
+    for form in ("old", "new"):
+        loaded = groupvit.load_pretrained(tmp_path / form)
+        assert loaded.cfg == CFG
+        assert_same_tensors(loaded.state_dict(), model.state_dict())
+
+
+def test_a_failed_model_folder_write_keeps_the_previous_folder(model, tmp_path):
+    save_pretrained(model, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+
+    def fails(tmp):
+        (tmp / "resolved_config.yaml").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        save_pretrained(model, tmp_path / "model", extra=fails)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
 
 
 def test_cli_architecture_options(tmp_path):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import random
-import time
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import torch
 
 from groupvit.losses import GroupViTLoss
 from groupvit.model import GroupViT, ModelConfig
-from groupvit.training import DistInfo, NonFiniteLossError, TrainConfig, WarmupCosine, fit, param_groups
+from groupvit.training import (DistInfo, NonFiniteLossError, TrainConfig, TrainResult, WarmupCosine, fit,
+                               param_groups)
 from groupvit.training import checkpointing as ckpt
 from groupvit.training.optim import build_optimizer
 
@@ -139,6 +141,18 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkey
     assert ckpt.load_latest(tmp_path)["step"] == 2
 
 
+def test_a_checkpoint_write_removes_the_temporary_a_killed_writer_left(tmp_path):
+    """Checkpoints go through groupvit.atomic: a `kill -9` between write and rename leaves `.<name>.tmp<pid>`; the
+    next checkpoint removes it, so a stale half-written file never piles up beside the checkpoints."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = int(gone.stdout)  # the pid of a process that has exited
+    (tmp_path / f".step_000002.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    (tmp_path / f".latest.tmp{dead}").write_text("step_0")
+    ckpt.save_checkpoint(tmp_path, 2, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002.pt"]
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     ckpt.save_checkpoint(tmp_path, 2, {"step": 2})
     ckpt.save_checkpoint(tmp_path, 4, {"step": 4})
@@ -256,16 +270,18 @@ def test_a_time_budget_fixes_the_plan_in_the_checkpoint(tmp_path):
 
 def test_the_budget_probe_skips_the_slow_first_steps():
     """Loader workers and tracking threads make the first steps slow; timing them planned a third fewer steps than
-    the budget allowed. Here the first 4 steps take 0.25 s each and the rest a few ms: a 3.6 s budget fits all 40
-    (timing steps 2-6 instead planned 15 on the 2-core dev machine)."""
+    the budget allowed. Here (on the injected clock) the first 4 steps take 0.25 s each and the rest 5 ms: a 3.6 s
+    budget fits all 40 (timing steps 2-6 instead would measure 0.152 s/step and plan 21)."""
+    clock = FakeClock(0.005)
+
     def slow_start(epoch):
-        for i, b in enumerate(batches(epoch)):
+        for i, b in enumerate(clock.batches(epoch)):
             if epoch * 3 + i < 4:  # the batches of steps 1-4 (3 per epoch)
-                time.sleep(0.25)
+                clock.now += 0.245
             yield b
 
     result = run(micro_model(), train_cfg(steps=40, max_minutes=0.06, ckpt_every=100, log_every=100),
-                 source=slow_start)
+                 source=slow_start, clock=clock)
     assert result.planned_steps == 40 and result.step == 40 and not result.stopped_by_budget
 
 
@@ -341,3 +357,19 @@ def test_a_finished_or_reconfigured_run_starts_afresh_instead_of_resuming(tmp_pa
     assert changed.resumed_from is None and changed.step == 4
     assert ckpt.load_latest(tmp_path / "checkpoints_previous")["step"] == 2  # the interrupted run, set aside
     assert ckpt.load_latest(tmp_path / "checkpoints")["config"] == {"train.lr": 2e-3}
+
+
+# ---- the run's summaries ------------------------------------------------------------------------------------------
+
+def test_the_summary_says_whether_the_length_or_a_budget_planned_the_steps():
+    result = TrainResult(step=5, planned_steps=5, final_loss=1.25, images_per_s=12.34567, wall_s=3.21,
+                         stopped_by_budget=False, resumed_from=None,
+                         curve=[{"step": 2, "loss": 2.123456789, "loss_itc": 1.0, "loss_ml": 1e-7, "lr": 0.00012345678}])
+    cfg = train_cfg(steps=0, epochs=2.0, max_minutes=0, grad_accum=2)
+    assert result.full_steps(cfg, steps_per_epoch=3) == 6
+    summary = result.summary(cfg, steps_per_epoch=3, world_size=2)
+    assert summary == {"final_loss": 1.25, "steps": 5, "planned_steps": 5, "planned_by": "time budget",
+                       "max_minutes": 0.0, "images_per_s": 12.346, "wall_s": 3.2, "stopped_by_budget": False,
+                       "world_size": 2, "global_batch": BATCH * 2 * 2}
+    assert result.summary(cfg, steps_per_epoch=2, world_size=1)["planned_by"] == "length"  # 2 epochs of 2 steps
+    assert result.curve_csv() == "step,loss,loss_itc,loss_ml,lr\n2,2.12346,1,1e-07,0.000123457\n"

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -208,25 +208,31 @@ def _state_and_config(source: Any, config: ModelConfig | None) -> tuple[dict[str
     return state, cfg
 
 
-def _write(layout: str, state: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path) -> None:
+def _write(layout: str, state: dict[str, torch.Tensor], cfg: ModelConfig, dst: str | Path,
+           extra: Callable[[Path], None] | None = None) -> None:
     if layout == "official":
         save_official(dst, keymap.ours_to_official(state), config_to_dict(cfg))
     elif layout == "hf":
         hf_config = config_to_hf(cfg, float(state[ML_SCALE]) if ML_SCALE in state else None)
-        save_safetensors_folder(dst, keymap.ours_to_hf(state), hf_config)
+        save_safetensors_folder(dst, keymap.ours_to_hf(state), hf_config, sort_keys=True, extra=extra)
     else:
-        save_safetensors_folder(dst, state, config_to_dict(cfg))
+        save_safetensors_folder(dst, state, config_to_dict(cfg), extra=extra)
 
 
-def save_pretrained(model: Any, directory: str | Path, config: ModelConfig | None = None) -> None:
+def save_pretrained(model: Any, directory: str | Path, config: ModelConfig | None = None,
+                    extra: Callable[[Path], None] | None = None) -> None:
     """Write our layout: `directory/model.safetensors` + `directory/config.json` (the ModelConfig), atomically.
+
+    This is what `groupvit train` publishes as `data/model` and `groupvit convert --to groupvit` writes.
 
     Args:
         model: a GroupViT module or any checkpoint path.
-        directory: the output folder (replaced if it exists).
+        directory: the output folder (replaced if it exists; a failed write leaves it untouched).
         config: the architecture when `model` is a path whose config cannot be read or inferred.
+        extra: `extra(tmp)` adds files to the new folder before it replaces `directory` (e.g. the run's
+            `resolved_config.yaml`).
     """
-    _write("groupvit", *_state_and_config(model, config), directory)
+    _write("groupvit", *_state_and_config(model, config), directory, extra)
 
 
 def export_hf(model: Any, directory: str | Path, config: ModelConfig | None = None) -> None:

@@ -1,5 +1,6 @@
 """Reading and writing checkpoint files safely: safetensors, or `torch.load(weights_only=True)`; never a pickle that
-can run code. Writes are atomic (temporary file or folder, then `os.replace`).
+can run code. Writes are atomic (temporary file or folder, then `os.replace`; model folders through
+`groupvit.atomic.atomic_dir`).
 
 Layouts (detected from the file, see docs/checkpoints.md):
 - `official`: a `.pth` holding `{"model": state_dict, ...}` in NVlabs/GroupViT names (Conv1d heads, fused qkv);
@@ -26,6 +27,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from groupvit.atomic import atomic_dir
 from groupvit.errors import DataError
 
 LAYOUTS = ("official", "hf", "groupvit")
@@ -392,15 +394,31 @@ def write_atomic(dst: str | Path, write: Callable[[Path], None], folder: bool) -
         raise
 
 
-def save_safetensors_folder(dst: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """`dst/model.safetensors` + `dst/config.json`, written atomically as one folder."""
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+def save_safetensors_folder(dst: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any], *,
+                            sort_keys: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
+    """`dst/model.safetensors` + `dst/config.json`: the one writer of model folders (`groupvit train`'s `data/model`,
+    `save_pretrained`, `groupvit convert`), built in a temporary folder and swapped in (`groupvit.atomic.atomic_dir`).
 
-    def write(tmp: Path) -> None:
+    Args:
+        dst: the folder; replaced when it exists, untouched when writing fails.
+        state: name -> tensor, written with its dtype (from CPU copies; safetensors' metadata `{"format": "pt"}`).
+        config: `config.json`, as `json.dumps(config, indent=2) + "\n"` (keys in the dict's order: a `ModelConfig`
+            dict keeps its field order).
+        sort_keys: sort the keys of `config.json` (the HF layout, as transformers writes it).
+        extra: `extra(tmp)` writes more files into the new folder before it is swapped in (the train stage's
+            `resolved_config.yaml`).
+
+    Returns:
+        `dst`.
+    """
+    # safetensors refuses shared storage and non-contiguous views: give every entry its own contiguous CPU copy
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    write_atomic(dst, write, folder=True)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
+    return Path(dst)
 
 
 def save_official(dst: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:

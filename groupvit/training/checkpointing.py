@@ -1,4 +1,4 @@
-"""Resumable checkpoints and the final model files, all written atomically.
+"""Resumable checkpoints, written atomically (the final model folder: `groupvit.checkpoint.save_pretrained`).
 
 Layout of a run folder (`data/train/`):
 
@@ -6,45 +6,28 @@ Layout of a run folder (`data/train/`):
     checkpoints/step_000200.pt   (the last `keep` are kept)
     checkpoints/latest           text file naming the newest complete checkpoint
 
-Every file is written to a temporary name in the same folder and `os.replace`d into place, so a crash or a full disk
-mid-write leaves the previous checkpoint and pointer untouched. Checkpoints hold only tensors and plain Python types
-(RNG states as tensors), so `torch.load(..., weights_only=True)` reads them: no pickled code is ever executed.
+Every file is written with `groupvit.atomic.atomic_write` (a temporary name in the same folder, fsynced, renamed
+into place), so a crash or a full disk mid-write leaves the previous checkpoint and pointer untouched. Checkpoints
+hold only tensors and plain Python types (RNG states as tensors), so `torch.load(..., weights_only=True)` reads them:
+no pickled code is ever executed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+
+from groupvit.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"^step_(\d{6,})\.pt$")
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a small text file atomically."""
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 # ---- RNG states as tensors ---------------------------------------------------------------------------------------
@@ -88,8 +71,8 @@ def save_checkpoint(folder: str | os.PathLike[str], step: int, state: dict[str, 
     """
     folder = Path(folder)
     path = checkpoint_path(folder, step)
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
-    atomic_write_text(folder / "latest", path.name + "\n")
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(folder / "latest", path.name + "\n")
     steps = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name)))
     for old in steps[:-keep]:
         checkpoint_path(folder, old).unlink(missing_ok=True)
@@ -134,19 +117,3 @@ def move_aside(folder: str | os.PathLike[str]) -> Path | None:
     shutil.rmtree(previous, ignore_errors=True)
     os.replace(folder, previous)
     return previous
-
-
-# ---- the final model -----------------------------------------------------------------------------------------------
-
-def save_model(folder: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write `model.safetensors` (fp32 state dict) and `config.json` (the ModelConfig as a dict), each atomically.
-
-    This is the layout `groupvit.load_pretrained(folder)` reads and `groupvit convert` exports to Hugging Face.
-    """
-    folder = Path(folder)
-    # safetensors refuses shared storage and non-contiguous views: give every entry its own contiguous copy
-    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
-               for k, v in state_dict.items()}
-    _atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
-    return folder

@@ -1,4 +1,4 @@
-"""`TrainConfig`: the `train` section of params.yaml (the reference recipe, groupvit.md section 7, as defaults)."""
+"""`TrainConfig`: the `train` section of params.yaml (the official recipe, github.com/NVlabs/GroupViT, as defaults)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """The training loop: DDP, mixed precision, gradient accumulation, clipping, per-step schedule, resumable checkpoints.
 
 Tracking is injected (`log_fn(step, metrics)` runs on rank 0 on log steps), so this module never imports MLflow.
-Host syncs (`.item()`, all-reduces of metrics) happen only on log and checkpoint steps (style.md principle 11).
+Host syncs (`.item()`, all-reduces of metrics) happen only on log and checkpoint steps.
 
 Resumption is exact: a checkpoint holds the model, optimizer, grad scaler, schedule, step, the planned total and every
 rank's RNG states; the data of epoch e is drawn from an iterator whose seeds depend only on (seed, epoch, rank), and a
@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,6 +26,8 @@ from groupvit.training.config import TrainConfig
 from groupvit.training.distributed import (DistInfo, all_gather_object, all_reduce_max, all_reduce_mean,
                                            broadcast_object, seed_everything)
 from groupvit.training.optim import build_optimizer
+from groupvit.training.result import TrainResult
+from groupvit.training.resume import stale_reason
 from groupvit.training.schedule import WarmupCosine
 
 log = logging.getLogger(__name__)
@@ -47,20 +48,6 @@ _BUDGET_SHARE = 0.9
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept, nothing later is written."""
-
-
-@dataclass
-class TrainResult:
-    """What a run did (rank 0's view; metrics are averaged over ranks)."""
-
-    step: int
-    planned_steps: int
-    final_loss: float
-    images_per_s: float
-    wall_s: float
-    stopped_by_budget: bool
-    resumed_from: int | None
-    curve: list[dict[str, float]] = field(default_factory=list)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -97,31 +84,6 @@ def _epoch_batches(batches: BatchSource, epoch: int, skip: int, seed: int, rank:
                 raise RuntimeError(f"epoch {epoch} ended after {i} batches while resuming; the loader yields fewer "
                                    "batches than it announced")
     return it
-
-
-def will_resume(checkpoint_dir: str | Path | None, run_config: dict[str, Any] | None, cfg: TrainConfig) -> bool:
-    """Whether `fit` with these arguments continues from the latest checkpoint in `checkpoint_dir`.
-
-    The train stage asks before it opens its MLflow run: a resumed training continues its run, a fresh one (a
-    finished run, a changed configuration) gets a new run, so a retrain never lands in the old run's record.
-    """
-    if checkpoint_dir is None or not cfg.resume:
-        return False
-    state = ckpt.load_latest(Path(checkpoint_dir) / "checkpoints", mmap=True)  # `fit` reads the tensors later
-    return state is not None and not _stale_reason(state, run_config)
-
-
-def _stale_reason(state: dict[str, Any] | None, run_config: dict[str, Any] | None) -> str:
-    """Why a checkpoint must not be resumed ('' when it may): a finished run, or a different configuration."""
-    if state is None:
-        return ""
-    if state["plan_fixed"] and state["step"] >= state["planned_steps"]:
-        return "that run finished (a rerun trains again)"
-    if run_config is not None and state.get("config") != run_config:
-        old = state.get("config") or {}
-        keys = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
-        return f"the configuration changed ({', '.join(keys[:5])})"
-    return ""
 
 
 class _Progress:
@@ -203,7 +165,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
     step, plan_fixed, resumed_from, curve = 0, cfg.max_minutes == 0, None, []
     folder = Path(checkpoint_dir) / "checkpoints" if checkpoint_dir else None
     state = ckpt.load_latest(folder) if folder is not None and cfg.resume else None
-    stale = _stale_reason(state, run_config)
+    stale = stale_reason(state, run_config)
     if stale:  # nothing to resume: start afresh, keeping the old checkpoints aside (never mixed with the new ones)
         if info.is_main:
             log.warning("not resuming %s: %s; starting afresh (old checkpoints moved to %s_previous)",

@@ -9,7 +9,7 @@ def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
     """The reference exempts 1-D parameters (norm weights) and biases only.
 
     Positional embeddings, group tokens, the token embedding and the 0-dim logit scales *are* decayed
-    (groupvit.md section 7): decided explicitly for parity, unlike nanoGPT-style "decay only >= 2-D".
+    (as in the official code, github.com/NVlabs/GroupViT): for parity, unlike nanoGPT-style "decay only >= 2-D".
     """
     return param.ndim == 1 or name.endswith(".bias")
 
