@@ -47,9 +47,11 @@ repro: install
 test: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
 
-# docs/results.md from metrics/ (after dvc repro); tests/test_report.py fails while the two differ.
+# docs/results.md from metrics/ (after dvc repro) and docs/params.md from the config classes and params.yaml;
+# tests/test_report.py and tests/test_params_doc.py fail while a page and its sources differ.
 docs: install
 	$(BIN)/python -m pipelines.report --markdown docs/results.md
+	$(BIN)/python -m pipelines.params_doc
 
 # Re-resolve the lock from pyproject.toml in a throwaway venv (needs the package registry).
 lock:

@@ -23,7 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from groupvit.data.loader import DataConfig, make_train_loader
+from groupvit.data.config import DataConfig
+from groupvit.data.loader import make_train_loader
 from groupvit.data.nouns import write_sidecar
 
 

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from groupvit.atomic import atomic_write
 from groupvit.errors import ConfigError
 
 T = TypeVar("T")
@@ -265,13 +266,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_resolved(path: str | os.PathLike[str], **configs: Any) -> Path:
     """Write the resolved configs of a run beside its outputs (`resolved_config.yaml`), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump({k: to_dict(v) for k, v in configs.items()}, sort_keys=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text)
 
 
 def flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:

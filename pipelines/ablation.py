@@ -27,28 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from groupvit.config import load_section, param
+from groupvit.atomic import atomic_write
+from groupvit.config import load_section
 from groupvit.errors import ConfigError
+from pipelines.config import AblationConfig
 from pipelines.tracking import TrackingConfig, git_commit, resolve_uri, setup
 from pipelines.workspace import flatten, run_streaming, tool_env
 
 METRIC_FILES = ("train.json", "evaluate.json")  # flattened into the child run's metrics (numbers only)
-
-
-@dataclass(frozen=True)
-class AblationConfig:
-    """The `ablate:` section of params.yaml."""
-
-    experiment: str = param("groupvit-ablation", help="MLflow experiment of the parent and child runs")
-    mode: str = param("one_at_a_time", choices=("one_at_a_time", "grid"),
-                      help="one_at_a_time: baseline + one axis changed at a time (the paper's tables); grid: all")
-    axes: Any = param(None, help="axis name -> {value label: override or list of overrides}; first value = baseline")
-    set: tuple[str, ...] = param((), help="overrides applied to every variant (the shared budget)")
-    out_dir: str = param("data/ablation", help="variant outputs, table.md and chart.png")
-    inputs: tuple[str, ...] = param(("data/synth", "data/shards", "data/nouns"),
-                                    help="pipeline outputs every variant reads (linked into its folder)")
-    metric: str = param("evaluate.json:synth_test.groupvit.miou",
-                        help="`<metrics file>:<dotted key>` the table and chart rank by")
 
 
 @dataclass(frozen=True)
@@ -147,11 +133,10 @@ def chart(results: list[dict[str, Any]], metric: str, path: Path) -> Path:
     ax.set_title("GroupViT ablation (same seed, data and budget)")
     ax.set_xlim(0, max(values + [1e-6]) * 1.2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # tmp has no .png suffix
+    finally:
+        plt.close(fig)
 
 
 def _read_metrics(folder: Path) -> dict[str, Any]:
@@ -274,9 +259,7 @@ class AblationRunner:
         metric = self.cfg.metric
         markdown = f"# Ablation {self.parent.info.run_name}\n\n" + markdown_table(results, metric)
         table = self.out / "table.md"
-        tmp = table.with_name(".table.md.tmp")
-        tmp.write_text(markdown)
-        os.replace(tmp, table)
+        atomic_write(table, markdown)
         png = chart(results, metric, self.out / "chart.png")
         self.client.log_artifact(self.parent_id, str(table))
         self.client.log_artifact(self.parent_id, str(png))

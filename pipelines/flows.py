@@ -28,10 +28,10 @@ from prefect.runtime import flow_run
 from groupvit.config import load_section
 from groupvit.errors import DataError
 from pipelines import ablation as ablation_lib
+from pipelines.config import OrchestrationConfig
 from pipelines.promotion import Decision, promote_if_better
 from pipelines.tracking import MODEL_RECORD, TrackingConfig, read_model_record, resolve_uri
-from pipelines.workspace import (OrchestrationConfig, load_dvc_yaml, read_metric, run_streaming,
-                                 stage_metrics, tool_env, workspace_lock)
+from pipelines.workspace import load_dvc_yaml, read_metric, run_streaming, stage_metrics, tool_env, workspace_lock
 
 
 class StageFailed(RuntimeError):

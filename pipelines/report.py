@@ -13,12 +13,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from groupvit.atomic import atomic_write
 
 COMMAND = ".venv/bin/python -m pipelines.report --markdown docs/results.md"
 # Which training metrics belong to which evaluated model (dvc.yaml: stages train and train_baseline).
@@ -320,19 +320,6 @@ def results_markdown(metrics_dir: Path, dataset: str = "synth_test") -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so a failed write keeps the old page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.report", description=__doc__.splitlines()[0])
     p.add_argument("metrics", nargs="?", default="metrics/evaluate.json",
@@ -366,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{out} is up to date with {path.parent}/")
         return 0
-    write_atomic(out, text)
+    atomic_write(out, text)  # a failed write keeps the old page
     print(f"wrote {out} from {path.parent}/")
     return 0
 

@@ -22,7 +22,8 @@ from typing import Any
 from groupvit.config import load_section
 from groupvit.errors import ConfigError
 from groupvit.procs import TiedProcess
-from pipelines.workspace import OrchestrationConfig, tool_env
+from pipelines.config import OrchestrationConfig
+from pipelines.workspace import tool_env
 
 
 def api_healthy(api_url: str, timeout: float = 2.0) -> bool:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from groupvit.config import load_section
-from groupvit.data.loader import DataConfig, make_train_loader
+from groupvit.data.config import DataConfig
+from groupvit.data.loader import make_train_loader
 from groupvit.losses import GroupViTLoss
 from groupvit.model import GroupViT, ModelConfig
 from groupvit.training import TrainConfig, destroy_distributed, fit, init_distributed

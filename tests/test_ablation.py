@@ -11,7 +11,8 @@ from _orchestration import ROOT, built_project_repo  # noqa: I001 (sets PREFECT_
 
 from groupvit.config import build, load_section
 from groupvit.errors import ConfigError
-from pipelines.ablation import AblationConfig, markdown_table, plan
+from pipelines.ablation import markdown_table, plan
+from pipelines.config import AblationConfig
 from pipelines.stages import ablate as ablate_stage
 
 AXES = {

@@ -20,7 +20,8 @@ from PIL import Image
 
 from groupvit.data import augment
 from groupvit.data import loader as loader_module
-from groupvit.data.loader import DataConfig, make_train_loader
+from groupvit.data.config import DataConfig
+from groupvit.data.loader import make_train_loader
 from groupvit.data.nouns import write_sidecar
 from groupvit.errors import DataError
 from groupvit.tokenizer import tokenize
@@ -239,7 +240,8 @@ def test_loader_with_augmentation_switches(tmp_path):
 RANK_SCRIPT = """
 import json, os, sys, datetime
 import torch, torch.distributed as dist
-from groupvit.data.loader import DataConfig, make_train_loader
+from groupvit.data.config import DataConfig
+from groupvit.data.loader import make_train_loader
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 cfg = DataConfig(image_size=16, multi_label=3, shuffle_buffer=0, num_workers=int(sys.argv[3]))

@@ -9,8 +9,8 @@ import pytest
 import webdataset as wds
 import yaml
 
-from groupvit.data.nouns import (NounsConfig, build_sidecars, extract_words, list_shards, load_pipeline,
-                                 load_sidecar)
+from groupvit.data.config import NounsConfig
+from groupvit.data.nouns import build_sidecars, extract_words, list_shards, load_pipeline, load_sidecar
 from groupvit.data.prompts import prompt_templates, prompted_texts
 from groupvit.errors import DataError
 from pipelines.stages import nouns as stage

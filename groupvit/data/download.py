@@ -33,14 +33,15 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from groupvit.config import param, to_dict
+from groupvit.atomic import atomic_dir, atomic_write
+from groupvit.config import to_dict
+from groupvit.data.config import DownloadConfig
 from groupvit.data.server import LoopbackImageServer
 from groupvit.data.urllist import loopback_address, read_url_list
 from groupvit.errors import DataError
@@ -57,36 +58,6 @@ _REFETCH_ROUNDS = 2  # extra img2dataset runs for shards that lost connections t
 _TAR_FORMAT = "gnu-sorted-v1"  # bump when normalise_tar's output changes: finished shards are re-normalised
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
-    """The `download` section of params.yaml (img2dataset options keep img2dataset's names)."""
-
-    url_list: str = param("data/synth/train/urls.parquet", help="url list file or folder (tsv, csv or parquet)")
-    input_format: str = param("", choices=("", "tsv", "csv", "parquet"), help="'' = infer from the suffix")
-    url_col: str = param("url", help="url column name (CC3M/CC12M files: 'url')")
-    caption_col: str = param("caption", help="caption column name (CC3M/CC12M files: 'caption')")
-    serve_dir: str = param("data/synth/train/images",
-                           help="serve this folder on the loopback host:port of the urls while downloading; '' = "
-                                "real internet url list, no server")
-    output_dir: str = param("data/shards", help="published deterministic shards (the DVC output)")
-    work_dir: str = param("data/download_work", help="img2dataset's raw output, kept for resuming (not a DVC output)")
-    image_size: int = param(512, ge=8, help="img2dataset image_size (reference: 512)")
-    resize_mode: str = param("keep_ratio", choices=("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"))
-    resize_only_if_bigger: bool = param(True, help="reference: True (never upscale)")
-    encode_quality: int = param(95, ge=1, le=100)
-    min_image_size: int = param(0, ge=0)
-    number_sample_per_shard: int = param(10000, ge=1)
-    processes_count: int = param(2, ge=1, help="img2dataset processes (one per core)")
-    thread_count: int = param(32, ge=1, help="download threads per process")
-    retries: int = param(0, ge=0)
-    timeout: int = param(10, ge=1, help="seconds per request")
-    max_shard_retry: int = param(1, ge=0, help="img2dataset retries of a failed shard within one run")
-    distributor: str = param("multiprocessing", choices=("multiprocessing", "pyspark", "ray"),
-                             help="pyspark/ray: run on an existing cluster (see README)")
-    disallowed_header_directives: tuple[str, ...] = param(("noai", "noimageai", "noindex", "noimageindex"),
-                                                          help="X-Robots-Tag opt-outs honoured (img2dataset default)")
-
-
 def _sha256_table(table: pa.Table) -> str:
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -95,9 +66,7 @@ def _sha256_table(table: pa.Table) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def prepare_work_dir(cfg: DownloadConfig, table: pa.Table) -> tuple[Path, dict[str, Any]]:
@@ -112,9 +81,7 @@ def prepare_work_dir(cfg: DownloadConfig, table: pa.Table) -> tuple[Path, dict[s
             log.info("url list or image options changed since the last download: starting %s afresh", work / "raw")
             shutil.rmtree(work / "raw")
         work.mkdir(parents=True, exist_ok=True)
-        tmp = work / ".input.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, work / "input.parquet")
+        atomic_write(work / "input.parquet", lambda tmp: pq.write_table(table, tmp))
         state = {"fingerprint": fingerprint, "rows": table.num_rows, "normalised": []}
         _write_json(state_file, state)
     return state_file, state
@@ -276,24 +243,28 @@ def normalise_tar(path: Path, fast: bool = True) -> None:
     `fast` parses and writes the (plain) headers directly: Python's tarfile spends ~1 ms per member on headers,
     hours for CC3M; the output bytes are identical to the tarfile path (tested), which remains the fallback.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
         members = _tar_members_fast(view) if fast else None
         if members is not None and all(len(n) <= 100 for n, _, _ in members):
             members.sort(key=lambda m: m[0].partition(b".")[::2])
-            with open(tmp, "wb") as out:
-                written = 0
-                for name, off, size in members:
-                    out.write(_ustar_header(name, size))
-                    out.write(view[off:off + size])
-                    pad = -size % 512
-                    out.write(bytes(pad))
-                    written += 512 + size + pad
-                out.write(bytes(1024))  # end-of-archive blocks, then padding to tarfile's 10240-byte records
-                out.write(bytes(-(written + 1024) % tarfile.RECORDSIZE))
-            view.release()
-            os.replace(tmp, path)
+
+            def write_fast(tmp: Path) -> None:
+                with open(tmp, "wb") as out:
+                    written = 0
+                    for name, off, size in members:
+                        out.write(_ustar_header(name, size))
+                        out.write(view[off:off + size])
+                        pad = -size % 512
+                        out.write(bytes(pad))
+                        written += 512 + size + pad
+                    out.write(bytes(1024))  # end-of-archive blocks, then padding to tarfile's 10240-byte records
+                    out.write(bytes(-(written + 1024) % tarfile.RECORDSIZE))
+
+            try:
+                atomic_write(path, write_fast)
+            finally:
+                view.release()  # before the mmap closes, which it refuses while a view is exported
             return
         view.release()
     items: list[tuple[str, bytes]] = []
@@ -302,14 +273,17 @@ def normalise_tar(path: Path, fast: bool = True) -> None:
             if m.isfile():
                 items.append((m.name, tar.extractfile(m).read()))  # type: ignore[union-attr]
     items.sort(key=lambda item: item[0].partition(".")[::2])
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+
+    def write_tarfile(tmp: Path) -> None:
+        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            for name, data in items:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+
+    atomic_write(path, write_tarfile)
 
 
 def _normalised_stats(stats_file: Path) -> dict[str, Any]:
@@ -321,26 +295,17 @@ def _normalised_stats(stats_file: Path) -> dict[str, Any]:
 
 def publish(raw: Path, output_dir: Path, stems: list[str]) -> None:
     """Rebuild `output_dir` from the finished shards: hard links to the canonical tars, sorted metadata."""
-    staging = output_dir.with_name(f".{output_dir.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    for stem in stems:
-        tar = raw / f"{stem}.tar"
-        try:
-            os.link(tar, staging / tar.name)
-        except OSError:  # another file system: copy
-            shutil.copyfile(tar, staging / tar.name)
-        table = pq.read_table(raw / f"{stem}.parquet")
-        table = table.sort_by("key")
-        pq.write_table(table, staging / f"{stem}.parquet")
-        _write_json(staging / f"{stem}_stats.json", _normalised_stats(raw / f"{stem}_stats.json"))
-    old = output_dir.with_name(f".{output_dir.name}.old")
-    if output_dir.exists():
-        os.replace(output_dir, old)
-    os.replace(staging, output_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(output_dir) as staging:
+        for stem in stems:
+            tar = raw / f"{stem}.tar"
+            try:
+                os.link(tar, staging / tar.name)
+            except OSError:  # another file system: copy
+                shutil.copyfile(tar, staging / tar.name)
+            table = pq.read_table(raw / f"{stem}.parquet")
+            table = table.sort_by("key")
+            pq.write_table(table, staging / f"{stem}.parquet")
+            _write_json(staging / f"{stem}_stats.json", _normalised_stats(raw / f"{stem}_stats.json"))
 
 
 def _width(raw: Path) -> int:

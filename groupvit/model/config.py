@@ -17,7 +17,8 @@ from typing import Any
 
 from groupvit.config import param
 
-# The released model (`group_vit_gcc_yfcc_30e.yml`, HF `nvidia/groupvit-gcc-yfcc`), see reference section 2.
+# The released model: the official config configs/group_vit_gcc_yfcc_30e.yml of github.com/NVlabs/GroupViT
+# (HF `nvidia/groupvit-gcc-yfcc`).
 _GCC_YFCC: dict[str, Any] = dict(
     image_size=224, patch_size=16, embed_dim=384, depths=(6, 3, 3), num_heads=(6, 6, 6),
     num_group_tokens=(64, 8, 0), num_output_groups=(64, 8), hard_assignment=True, mlp_ratio=4.0,
@@ -57,19 +58,19 @@ class ModelConfig:
     num_output_groups: tuple[int, ...] | None = param(None, ge=1, help="segments out of each grouping block")
     hard_assignment: bool | None = param(None, help="Gumbel hard assignment in training, argmax in eval; "
                                                     "false = plain softmax (the paper's soft ablation)")
-    mlp_ratio: float | None = param(None, gt=0)
+    mlp_ratio: float | None = param(None, gt=0, help="MLP hidden width / embed_dim in the vision blocks")
     drop_path_rate: float | None = param(None, ge=0, lt=1, help="stochastic depth, linear over all vision blocks")
     gumbel_tau: float | None = param(None, gt=0, help="Gumbel-softmax temperature (reference 1.0)")
     assign_eps: float | None = param(None, ge=0, help="added to the token count when averaging a group (ref. 1)")
     group_residual: float = param(1.0, ge=0, help="scale of the group token added back to its merged image tokens "
                                                   "in each GroupingBlock (reference 1.0; departure, "
-                                                  "docs/evaluation.md)")
+                                                  "docs/method.md)")
     # text encoder
-    text_width: int | None = param(None, ge=8)
-    text_layers: int | None = param(None, ge=1)
+    text_width: int | None = param(None, ge=8, help="text transformer width")
+    text_layers: int | None = param(None, ge=1, help="text transformer blocks")
     text_heads: int | None = param(None, ge=1, help="reference: width // 64")
     context_length: int | None = param(None, ge=2, help="text tokens incl. SOT and EOT (77 for released weights)")
-    vocab_size: int | None = param(None, ge=2)
+    vocab_size: int | None = param(None, ge=2, help="BPE vocabulary size (49408 for CLIP's tokenizer)")
     # heads and loss temperatures
     output_dim: int | None = param(None, ge=1, help="joint embedding size")
     proj_hidden_dim: int | None = param(None, ge=1, help="hidden width of the Linear-BN-ReLU-Linear heads")
@@ -79,11 +80,11 @@ class ModelConfig:
     multi_label_match: str = param("image", choices=("image", "group"),
                                    help="what a prompted noun is matched with in the multi-label loss: image = the "
                                         "pooled image embedding (reference) | group = the image's best-matching "
-                                        "final group (departure, docs/evaluation.md)")
+                                        "final group (departure, docs/method.md)")
     multi_label_patches: float = param(0.0, ge=0,
                                        help="weight of a second multi-label loss in which a noun is matched by the "
                                             "image's best patch token as the first grouping block receives it "
-                                            "(0 = off, reference; departure, docs/evaluation.md). No effect "
+                                            "(0 = off, reference; departure, docs/method.md). No effect "
                                             "without grouping: the plain ViT's patches are its segments")
     # performance switches (same function, different speed/memory)
     attn_impl: str = param("auto", choices=("auto", "sdpa", "eager"),
@@ -155,7 +156,7 @@ def flops_per_sample(cfg: ModelConfig, k_prompts: int = 0, train: bool = True, t
     Counts patch embedding, all attention/MLP GEMMs, attention score and value products, grouping blocks, group
     projectors, both towers and the projection heads; LayerNorm, softmax, GELU and the loss are ignored (<1%).
     Training counts 3x the forward (backward = 2x). The gcc_yfcc preset gives 9.47 GFLOPs forward caption-only and
-    42.2 GFLOPs per training sample with K=3 prompts (reference section 11).
+    42.2 GFLOPs per training sample with K=3 prompts (the released GroupViT-S).
 
     Args:
         cfg: the model.

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from groupvit.config import load_section
 from groupvit.errors import ConfigError
-from pipelines.ablation import AblationConfig, AblationRunner, plan
+from pipelines.ablation import AblationRunner, plan
 from pipelines.common import run_stage, stage_parser
+from pipelines.config import AblationConfig, OrchestrationConfig
 from pipelines.tracking import TrackingConfig
-from pipelines.workspace import OrchestrationConfig, workspace_lock
+from pipelines.workspace import workspace_lock
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 DVC stage (for dvc.yaml; after `synth`):
     cmd:     groupvit download
     deps:    data/synth/train/urls.parquet, data/synth/train/images (the `download.url_list` / `download.serve_dir`
-             defaults), groupvit/data/download.py, groupvit/data/urllist.py, groupvit/data/server.py,
-             pipelines/stages/download.py
+             defaults), groupvit/data/config.py, groupvit/data/download.py, groupvit/data/urllist.py,
+             groupvit/data/server.py, groupvit/atomic.py, pipelines/stages/download.py
     params:  download (whole section)
     outs:    data/shards   (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json, resolved_config.yaml)
     metrics: metrics/download.json (cache: false)
@@ -23,8 +23,10 @@ import sys
 import threading
 from pathlib import Path
 
+from groupvit.atomic import atomic_write
 from groupvit.config import flat_dict, load_section, save_resolved
-from groupvit.data.download import DownloadConfig, download
+from groupvit.data.config import DownloadConfig
+from groupvit.data.download import download
 from pipelines.common import load, run_stage, stage_parser
 from pipelines.tracking import TrackingConfig, check_reachable, resolve_uri, start_run
 
@@ -63,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
         metrics = download(cfg)
         save_resolved(Path(cfg.output_dir) / "resolved_config.yaml", download=cfg)
-        METRICS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = METRICS.with_name(f".{METRICS.name}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, METRICS)
+        atomic_write(METRICS, json.dumps(metrics, indent=2) + "\n")
         reasons = ", ".join(f"{n} x {r}" for r, n in metrics["failures_by_reason"].items()) or "none"
         print(f"download: {metrics['successes']}/{metrics['count']} images ({metrics['success_rate']:.1%}) in "
               f"{metrics['shards']} shards ({metrics['shards_fetched']} fetched, {metrics['shards_reused']} reused), "

@@ -2,7 +2,7 @@
 
 DVC stage (for dvc.yaml; after `download`):
     cmd:     groupvit nouns
-    deps:    data/shards, groupvit/data/nouns.py, pipelines/stages/nouns.py
+    deps:    data/shards, groupvit/data/config.py, groupvit/data/nouns.py, groupvit/atomic.py, pipelines/stages/nouns.py
     params:  nouns (whole section)
     outs:    data/nouns    (NNNNN.json per shard NNNNN.tar, resolved_config.yaml)
     metrics: metrics/nouns.json (cache: false)
@@ -10,11 +10,12 @@ DVC stage (for dvc.yaml; after `download`):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from groupvit.atomic import atomic_write
 from groupvit.config import save_resolved
-from groupvit.data.nouns import NounsConfig, build_sidecars
+from groupvit.data.config import NounsConfig
+from groupvit.data.nouns import build_sidecars
 from pipelines.common import load, run_stage, stage_parser
 
 METRICS = Path("metrics/nouns.json")
@@ -29,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = build_sidecars(cfg)
         metrics["spacy_model"] = cfg.spacy_model
         save_resolved(Path(cfg.output_dir) / "resolved_config.yaml", nouns=cfg)
-        METRICS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = METRICS.with_name(f".{METRICS.name}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, METRICS)
+        atomic_write(METRICS, json.dumps(metrics, indent=2) + "\n")
         print(f"nouns: {metrics['captions']} captions in {metrics['shards']} shards, {metrics['captions_per_s']} "
               f"captions/s, {metrics['mean_words']} words per caption, {metrics['no_words']} without words "
               f"(their prompts fall back to the caption)")

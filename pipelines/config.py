@@ -1,0 +1,70 @@
+"""The orchestration sections of params.yaml, `prefect` (`OrchestrationConfig`) and `ablate` (`AblationConfig`), and
+`SECTIONS`, the registry of every params.yaml section's config class (what docs/params.md is generated from).
+
+`SECTIONS` is built on first access: the model and training configs live in packages that import torch, which the
+orchestrators (`pipelines.flows`, `pipelines.serve`) that read the classes here have no use for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from groupvit.config import param
+
+
+@dataclass(frozen=True)
+class OrchestrationConfig:
+    """How Prefect runs the pipeline: the `prefect:` section of params.yaml."""
+
+    deployment: str = param("groupvit-retrain", help="name of the served `retrain` deployment")
+    cron: str = param("0 3 * * 1", help="retrain schedule (cron, in `timezone`)")
+    timezone: str = param("UTC", help="IANA time zone of the cron schedule")
+    workdir: str = param(".", help="DVC repository the served flows run in (relative to the params file)")
+    retries: int = param(1, ge=0, help="retries of each stage task")
+    retry_delay_seconds: float = param(30.0, ge=0, help="wait between retries")
+    lock_timeout_seconds: float = param(3600.0, ge=0, help="how long a run waits for another to free the workspace")
+    champion_alias: str = param("champion", help="MLflow registry alias of the best model so far")
+    promote_metric: str = param("evaluate.json:synth_test.groupvit.miou",
+                                help="`<file in metrics/>:<dotted key>` compared for promotion")
+    commit: bool = param(False, help="git-commit dvc.lock and metrics/ after a successful retrain")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The `ablate:` section of params.yaml."""
+
+    experiment: str = param("groupvit-ablation", help="MLflow experiment of the parent and child runs")
+    mode: str = param("one_at_a_time", choices=("one_at_a_time", "grid"),
+                      help="one_at_a_time: baseline + one axis changed at a time (the paper's tables); grid: all")
+    axes: Any = param(None, help="axis name -> {value label: override or list of overrides}; first value = baseline")
+    set: tuple[str, ...] = param((), help="overrides applied to every variant (the shared budget)")
+    out_dir: str = param("data/ablation", help="variant outputs, table.md and chart.png")
+    inputs: tuple[str, ...] = param(("data/synth", "data/shards", "data/nouns"),
+                                    help="pipeline outputs every variant reads (linked into its folder)")
+    metric: str = param("evaluate.json:synth_test.groupvit.miou",
+                        help="`<metrics file>:<dotted key>` the table and chart rank by")
+
+
+def _sections() -> dict[str, type]:
+    """params.yaml section -> the frozen dataclass that reads it, in the order of `groupvit.config.KNOWN_SECTIONS`."""
+    from groupvit.config import BaseConfig
+    from groupvit.data.config import DataConfig, DownloadConfig, NounsConfig
+    from groupvit.evaluation.config import EvaluateConfig
+    from groupvit.model.config import ModelConfig
+    from groupvit.synth.config import SynthConfig
+    from groupvit.training.config import TrainConfig
+    from pipelines.tracking import TrackingConfig
+
+    return {"base": BaseConfig, "synth": SynthConfig, "download": DownloadConfig, "nouns": NounsConfig,
+            "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+            "tracking": TrackingConfig, "prefect": OrchestrationConfig, "ablate": AblationConfig}
+
+
+SECTIONS: dict[str, type]  # built by the module `__getattr__` below on first access
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SECTIONS":
+        globals()["SECTIONS"] = sections = _sections()  # later accesses find the module attribute itself
+        return sections
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
