@@ -8,7 +8,7 @@ from groupvit.config import build
 from groupvit.errors import ConfigError
 from groupvit.losses import GroupViTLoss
 from groupvit.model import GroupViT, ModelConfig, autocast, compile_model, count_params, flops_per_sample
-from groupvit.model.grouping import AssignAttention, GroupingBlock
+from groupvit.model.grouping import AssignAttention, GroupingBlock, gumbel_noise
 
 SOT, EOT = 49406, 49407
 TINY = dict(preset="tiny", image_size=32, patch_size=8, embed_dim=32, depths=(1, 1, 1), num_heads=(2, 2, 2),
@@ -96,7 +96,7 @@ def test_config_rejects_inconsistent_architectures(section, needle):
 
 def test_param_count_and_flops_match_the_reference_figures():
     big = ModelConfig(preset="gcc_yfcc")
-    assert count_params(big) == 55_726_610  # 55.73 M (reference section 11) + the multi-label scale
+    assert count_params(big) == 55_726_610  # 55.73 M (the released GroupViT-S) + the multi-label scale
     assert flops_per_sample(big, 0, train=False) == pytest.approx(9.47e9, rel=2e-3)
     assert flops_per_sample(big, 3, train=True) == pytest.approx(42.2e9, rel=2e-3)
     for c in (cfg(), cfg(depths=(2,), num_heads=(2,), num_group_tokens=(0,), num_output_groups=())):
@@ -260,11 +260,24 @@ def test_checkpoint_of_another_architecture_names_the_first_mismatched_tensor():
 def test_assignment_is_one_hot_over_groups_in_eval_gumbel_in_training_and_softmax_when_soft():
     torch.manual_seed(0)
     raw = torch.randn(2, 4, 10, requires_grad=True)
-    hard = AssignAttention(8, hard=True)
+    hard = AssignAttention(8, hard=True, gumbel_tau=0.5)
     a_eval = hard.eval().assignment(raw)
     torch.testing.assert_close(a_eval.detach(), torch.nn.functional.one_hot(raw.argmax(1), 4).transpose(1, 2).float())
-    a_eval.sum().backward()  # straight-through: gradients flow although the forward value is one-hot
-    assert raw.grad is not None
+    # Straight-through: the forward value is the one-hot, the gradient is the soft assignment's. The upstream gradient
+    # must vary over the groups: the gradient of a column-softmax's plain sum is zero whatever the estimator.
+    upstream = torch.randn(2, 4, 10)
+    (soft_grad,) = torch.autograd.grad((raw.softmax(dim=1) * upstream).sum(), raw)
+    assert soft_grad.abs().max() > 1e-2
+    torch.testing.assert_close(torch.autograd.grad((a_eval * upstream).sum(), raw)[0], soft_grad)
+    # training: the same with the Gumbel-perturbed, tempered scores (the same noise drawn again from the same seed)
+    torch.manual_seed(1)
+    a_train = hard.train().assignment(raw)
+    torch.manual_seed(1)
+    y_soft = ((raw + gumbel_noise(raw)) / 0.5).softmax(dim=1)  # [2, 4, 10]
+    torch.testing.assert_close(a_train.detach(),
+                               torch.nn.functional.one_hot(y_soft.argmax(1), 4).transpose(1, 2).float())
+    torch.testing.assert_close(torch.autograd.grad((a_train * upstream).sum(), raw)[0],
+                               torch.autograd.grad((y_soft * upstream).sum(), raw)[0])
     draws = [hard.train().assignment(raw.detach()) for _ in range(5)]
     for a in draws:
         assert set(a.unique().tolist()) <= {0.0, 1.0} and (a.sum(dim=1) == 1).all()

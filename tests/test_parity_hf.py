@@ -19,7 +19,7 @@ CAPTIONS = ["a photo of a cat", "two dogs playing in the snow, at night!", ""]
 
 def hf_config(preset: str) -> "transformers.GroupViTConfig":
     """The HF config of our preset, spelled out (not derived with our own converter)."""
-    if preset == "gcc_yfcc":  # the transformers defaults are the released model (reference section 13)
+    if preset == "gcc_yfcc":  # the transformers defaults are the released model (nvidia/groupvit-gcc-yfcc)
         return transformers.GroupViTConfig()
     return transformers.GroupViTConfig(
         text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,

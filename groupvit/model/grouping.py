@@ -110,7 +110,7 @@ class GroupingBlock(nn.Module):
         attn_impl: `sdpa` or `eager` for the pre-assign attention.
         group_residual: scale of the residual from the group tokens to the segments (reference 1.0). The tokens
             have attended to every image token (stage blocks, pre-assign attention), so the residual hands each
-            segment an image-wide summary; below 1 a segment is more its own tokens' mean (docs/evaluation.md).
+            segment an image-wide summary; below 1 a segment is more its own tokens' mean (docs/method.md).
     """
 
     def __init__(self, dim: int, num_heads: int, num_group_token: int, num_output_group: int, hard: bool = True,
