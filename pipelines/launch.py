@@ -7,7 +7,7 @@
         fit(..., info=info, device=device)
 
 The parent waits for torchrun and forwards SIGTERM, SIGINT and SIGHUP to it, so a cancelled DVC or Prefect run stops
-the workers too; torchrun's agent stops the other workers and exits non-zero when one dies (no hang). Used by
+the workers too, and a SIGKILL of the parent takes torchrun and the workers with it; torchrun's agent stops the other workers and exits non-zero when one dies (no hang). Used by
 `groupvit train` and `benchmarks/train_throughput.py`. Options for several machines (nodes, node rank, rendezvous
 endpoint) belong in `LaunchOptions` and its `torchrun_args`; today the workers of a multi-node job are started with
 torchrun by hand (README, "Training").
@@ -68,15 +68,20 @@ def torchrun_command(opts: LaunchOptions, target: Sequence[str]) -> list[str]:
 def run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
                            output: IO[Any] | None = None) -> int:
     """Run `cmd` and wait for it, passing SIGTERM/SIGINT/SIGHUP on to it (from the main thread only, where Python
-    can handle signals); returns its exit status (negative: killed by that signal).
+    can handle signals); returns its exit status (negative: killed by that signal). `cmd` and all it starts die
+    with this process, however it dies (`groupvit.procs.TiedProcess`).
 
     Args:
         cmd: the command line.
         env, cwd: its environment and folder (default: this process's).
         output: a file that receives its stdout and stderr (default: this process's streams).
     """
+    from groupvit.procs import TiedProcess
+
     streams = {"stdout": output, "stderr": subprocess.STDOUT} if output is not None else {}
-    proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, cwd=cwd, **streams)
+    # tied: a SIGKILL of this process (a killed `groupvit train`) takes torchrun and every worker with it, instead of
+    # leaving them to train on and publish a model nobody asked for any more
+    proc = TiedProcess(list(cmd), env=dict(env) if env is not None else None, cwd=cwd, **streams)
 
     def forward(signum: int, _frame: Any) -> None:
         proc.send_signal(signum)

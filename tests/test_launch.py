@@ -55,6 +55,38 @@ def test_the_launcher_passes_termination_signals_on_and_returns_the_exit_status(
         parent.wait()
 
 
+def test_a_killed_launcher_takes_its_workers_with_it(tmp_path):
+    """kill -9 of `groupvit train` left torchrun and its workers training on (and publishing a model) unattended."""
+    report = tmp_path / "child.txt"
+    pid_file = tmp_path / "child.pid"
+    write_pid = f'Path({str(pid_file)!r}).write_text(str(__import__("os").getpid())); '
+    child = CHILD.replace('out.write_text("ready")', write_pid + 'out.write_text("ready")')
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, child, str(report)], env=env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (report.exists() and report.read_text() == "ready") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(worker):
+            time.sleep(0.05)
+        assert not _alive(worker), "the launched process outlived its launcher"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (dead, not yet reaped by init) counts as gone
+        return f.read().split(") ")[-1][0] != "Z"
+
+
 def test_torchrun_runs_the_workers_with_the_options_and_reports_their_failure(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
