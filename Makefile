@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export NO_ALBUMENTATIONS_UPDATE := 1
 export no_proxy := 127.0.0.1,localhost
 
-.PHONY: install repro test docs lock serve ui ui-check ablate bench clean-venv
+.PHONY: install repro test test-fast lint docs lock serve ui ui-check ablate bench clean-venv
 
 install:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
@@ -46,6 +46,14 @@ repro: install
 
 test: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+
+# The edit-test loop: everything but the end-to-end tests marked slow (those stay in `make test` and CI).
+test-fast: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
+
+# ruff with the rules of pyproject.toml [tool.ruff.lint] (E, F, I, B, UP); `make lint FIX=1` applies the safe fixes.
+lint: install
+	$(BIN)/ruff check $(if $(FIX),--fix) .
 
 # docs/results.md from metrics/ (after dvc repro) and docs/params.md from the config classes and params.yaml;
 # tests/test_report.py and tests/test_params_doc.py fail while a page and its sources differ.

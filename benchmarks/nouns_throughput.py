@@ -80,7 +80,7 @@ def main() -> None:
     print(f"stage nlp.pipe {nlp.pipe_names}, n_process={args.n_process}, batch_size={args.batch_size}: "
           f"{fast_rate:,.0f} captions/s ({fast_cpu:,.0f} per CPU-second, workers included; incl. model load and "
           f"worker start-up)")
-    same = sum(a == b for a, b in zip(naive, fast)) / len(naive)
+    same = sum(a == b for a, b in zip(naive, fast, strict=True)) / len(naive)
     # Start-up (spawning the workers, loading the model in each) is a constant: a run on a minimal input costs
     # start-up + its few captions; the difference to the full run is the steady-state tagging of the rest.
     small = 2 * args.batch_size + 1

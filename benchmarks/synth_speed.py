@@ -50,14 +50,14 @@ def main() -> None:
     for size in args.sizes:
         spec = WorldSpec(image_size=size)
 
-        def scene(i: int) -> None:
+        def scene(i: int, spec: WorldSpec = spec) -> None:
             make_scene(spec, scene_rngs(0, "train", i)[0])
 
-        def captioned(i: int) -> None:
+        def captioned(i: int, spec: WorldSpec = spec) -> None:
             a, b = scene_rngs(0, "train", i)
             make_caption(make_scene(spec, a), spec, style, b)
 
-        def jpeg(i: int) -> None:
+        def jpeg(i: int, spec: WorldSpec = spec) -> None:
             a, b = scene_rngs(0, "train", i)
             s = make_scene(spec, a)
             make_caption(s, spec, style, b)

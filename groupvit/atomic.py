@@ -20,8 +20,8 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 Data = bytes | str | Callable[[Path], None]
 

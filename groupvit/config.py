@@ -23,8 +23,9 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -104,7 +105,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
             if len(args) == len(value):
-                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return build(tp, value, where)
@@ -229,7 +230,7 @@ def read_params(params_file: str | os.PathLike[str], overrides: Iterable[str] = 
     return raw
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_empty_section(params_file: str, section: str) -> None:
     """Once per file and section: stages load their sections more than once (the train stage: parent and worker)."""
     log.warning("%s: section '%s' is empty: every %s key takes its default", params_file, section, section)

@@ -9,7 +9,7 @@ so it runs, and is tested, without a process group.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -26,8 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
-from typing import Any, Sequence
+from typing import Any
 
 POLL_S = 0.1  # how often the watchdog looks at its command and its parent's pid (the lifeline pipe wakes it at once)
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -142,7 +143,7 @@ class TiedProcess:
             self.kill()
             raise
 
-    def __enter__(self) -> "TiedProcess":
+    def __enter__(self) -> TiedProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

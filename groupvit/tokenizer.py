@@ -15,8 +15,9 @@ import functools
 import gzip
 import html
 import importlib.util
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import ftfy
 import regex
@@ -124,7 +125,7 @@ class SimpleTokenizer:
         """Merge the byte symbols of one word (already byte-encoded) into BPE tokens, lowest merge rank first."""
         word = [*symbols[:-1], symbols[-1] + "</w>"]
         while len(word) > 1:
-            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            pairs = set(itertools.pairwise(word))
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break

@@ -23,9 +23,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from groupvit.atomic import atomic_write
 from groupvit.config import load_section
@@ -79,7 +80,7 @@ def plan(cfg: AblationConfig) -> list[Variant]:
     axes = _axes(cfg)
     baseline = {axis: next(iter(values)) for axis, values in axes.items()}
     if cfg.mode == "grid":
-        points = [dict(zip(axes, combo)) for combo in itertools.product(*(list(v) for v in axes.values()))]
+        points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*(list(v) for v in axes.values()))]
     else:
         points = [baseline] + [{**baseline, axis: label} for axis, values in axes.items() for label in list(values)[1:]]
     variants = []
@@ -177,7 +178,7 @@ class AblationRunner:
 
     @classmethod
     @contextlib.contextmanager
-    def session(cls, *args: Any, **kwargs: Any) -> Iterator["AblationRunner"]:
+    def session(cls, *args: Any, **kwargs: Any) -> Iterator[AblationRunner]:
         """`with AblationRunner.session(...) as runner:` (constructor arguments); the parent run ends FAILED if the
         body raises, FINISHED otherwise."""
         runner = cls(*args, **kwargs)
@@ -191,7 +192,7 @@ class AblationRunner:
 
     @classmethod
     def open(cls, workdir: Path,
-             params_file: str = "params.yaml") -> contextlib.AbstractContextManager["AblationRunner"]:
+             params_file: str = "params.yaml") -> contextlib.AbstractContextManager[AblationRunner]:
         """A session with the `ablate` and `tracking` sections of `workdir/params_file`."""
         params = workdir / params_file
         return cls.session(workdir, params_file, load_section(AblationConfig, params, "ablate"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from groupvit.config import KNOWN_SECTIONS, BaseConfig, load_section, parse_overrides
 from groupvit.errors import ConfigError, DataError

@@ -7,10 +7,10 @@
         fit(..., info=info, device=device)
 
 The parent waits for torchrun and forwards SIGTERM, SIGINT and SIGHUP to it, so a cancelled DVC or Prefect run stops
-the workers too, and a SIGKILL of the parent takes torchrun and the workers with it; torchrun's agent stops the other workers and exits non-zero when one dies (no hang). Used by
-`groupvit train` and `benchmarks/train_throughput.py`. Options for several machines (nodes, node rank, rendezvous
-endpoint) belong in `LaunchOptions` and its `torchrun_args`; today the workers of a multi-node job are started with
-torchrun by hand (README, "Training").
+the workers too, and a SIGKILL of the parent takes torchrun and the workers with it; torchrun's agent stops the other
+workers and exits non-zero when one dies (no hang). Used by `groupvit train` and `benchmarks/train_throughput.py`.
+Options for several machines (nodes, node rank, rendezvous endpoint) belong in `LaunchOptions` and its
+`torchrun_args`; today the workers of a multi-node job are started with torchrun by hand (README, "Training").
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: the launching parent needs it only for `nproc: auto`
     import torch

@@ -16,8 +16,9 @@ import inspect
 import sys
 import textwrap
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from groupvit.atomic import atomic_write
 from groupvit.config import _coerce, _type_name, build, read_params

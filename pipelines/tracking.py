@@ -20,9 +20,10 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import yaml

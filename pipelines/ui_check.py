@@ -126,9 +126,13 @@ def check_prefect(params: Path, out: Path, port: int = 4200) -> str:
         dep = wait_for(ready, 180, f"a runner serving deployment retrain/{cfg.deployment}")
 
         def scheduled():
-            from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
-            from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateName
-
+            from prefect.client.schemas.filters import (
+                DeploymentFilter,
+                DeploymentFilterId,
+                FlowRunFilter,
+                FlowRunFilterState,
+                FlowRunFilterStateName,
+            )
             from prefect.client.schemas.sorting import FlowRunSort
 
             with get_client(sync_client=True) as client:

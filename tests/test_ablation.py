@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-
 from _orchestration import ROOT, built_project_repo  # noqa: I001 (sets PREFECT_HOME before Prefect is imported)
 
 from groupvit.config import build, load_section

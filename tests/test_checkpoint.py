@@ -401,7 +401,7 @@ def test_reference_checkpoint_loads_the_architecture_it_was_trained_with(change,
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want, got = source.segmentation_outputs(pixels), loaded.segmentation_outputs(pixels)
-    for a, b in zip(want["soft_maps"], got["soft_maps"]):
+    for a, b in zip(want["soft_maps"], got["soft_maps"], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(want["groups"], got["groups"]) and torch.equal(want["image"], got["image"])
     # the converted folder keeps that architecture (our config.json)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from groupvit.config import KNOWN_SECTIONS, load_section, param, save_resolved, flat_dict
+from groupvit.config import KNOWN_SECTIONS, flat_dict, load_section, param, save_resolved
 from groupvit.errors import ConfigError
 from pipelines import cli
 from pipelines.common import STAGE_SECTIONS
@@ -186,7 +186,7 @@ def test_base_seed_is_read_one_way_by_every_stage(project, capsys, command, seed
                     counts={"train": 1, "val": 1, "test": 1}, url_base="http://127.0.0.1:1")
     assert cli.main([command, "--set", f"base.seed={seed}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: params.yaml: base.seed: expected ") and found in err and "\n" not in err
+    assert err.startswith("error: params.yaml: base.seed: expected ") and found in err and "\n" not in err
 
 
 def test_the_console_script_refuses_an_unknown_section(project):

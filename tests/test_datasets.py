@@ -8,8 +8,14 @@ from PIL import Image
 
 from groupvit.errors import DataError
 from groupvit.evaluation.classification import class_embeddings
-from groupvit.evaluation.datasets import (DEFAULT_BG_THRESH, ImageFolderDataset, SegmentationDataset,
-                                          SingleObjectDataset, load_class_names, resource_lines)
+from groupvit.evaluation.datasets import (
+    DEFAULT_BG_THRESH,
+    ImageFolderDataset,
+    SegmentationDataset,
+    SingleObjectDataset,
+    load_class_names,
+    resource_lines,
+)
 
 
 def write_pair(image_path: Path, mask_path: Path, mask: np.ndarray, palette: bool = True, size=None) -> None:

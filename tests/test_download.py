@@ -21,8 +21,14 @@ import yaml
 from PIL import Image
 
 from groupvit.data.config import DownloadConfig
-from groupvit.data.download import (_tar_members_fast, discard_unusable, finished_shards, normalise_reason,
-                                    normalise_tar, summarize)
+from groupvit.data.download import (
+    _tar_members_fast,
+    discard_unusable,
+    finished_shards,
+    normalise_reason,
+    normalise_tar,
+    summarize,
+)
 from groupvit.data.server import LoopbackImageServer
 from groupvit.data.urllist import loopback_address, read_url_list
 from groupvit.errors import DataError

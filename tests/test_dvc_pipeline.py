@@ -5,7 +5,6 @@ import json
 
 import pytest
 import yaml
-
 from _orchestration import built_project_repo, dvc, first_repro_log
 
 pytestmark = pytest.mark.slow

@@ -8,15 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
-
 from _orchestration import ROOT, dvc, git, make_toy_repo, toy_params, write_params  # noqa: I001 (sets PREFECT_HOME)
-
-import mlflow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId,
-                                            LogFilter, LogFilterFlowRunId)
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 

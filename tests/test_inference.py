@@ -15,9 +15,8 @@ from groupvit.checkpoint import load_pretrained, save_pretrained, weights_digest
 from groupvit.errors import DataError
 from groupvit.evaluation.config import EvaluateConfig, ModelSpec, SegmentationSpec
 from groupvit.evaluation.datasets import SegmentationDataset, read_image
-from groupvit.evaluation.inference import (LoadedModel, load_models, make_segmenter, segment_image,
-                                           segmentation_settings)
-from groupvit.evaluation.segmentation import Segmenter, SegmentationSettings
+from groupvit.evaluation.inference import LoadedModel, load_models, make_segmenter, segment_image, segmentation_settings
+from groupvit.evaluation.segmentation import SegmentationSettings, Segmenter
 from groupvit.evaluation.visualize import write_pictures
 from groupvit.model import IMAGENET_MEAN, IMAGENET_STD, GroupViT, ModelConfig
 from groupvit.synth import CaptionStyle, WorldSpec, write_world

@@ -220,7 +220,8 @@ def test_augmentations():
     assert changed.size == img.size and not np.array_equal(np.asarray(changed), np.asarray(img))
     x = augment.to_normalised_tensor(img)
     plain = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255  # the textbook formula
-    plain = (plain - torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
+    plain = (plain - mean) / std
     assert x.shape == (3, 40, 60) and x.dtype == torch.float32 and torch.allclose(x, plain, atol=1e-5)
     erased = augment.random_erasing(x.clone(), np.random.default_rng(0), prob=1.0)
     assert (erased != x).any() and erased.shape == x.shape

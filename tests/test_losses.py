@@ -30,7 +30,7 @@ def test_world_size_one_equals_hand_computed_cross_entropy():
     def ce(rows, cols):  # mean over rows of -log softmax at the diagonal, written out by hand
         total = 0.0
         for i, r in enumerate(rows):
-            logits = [10.0 * sum(a * b for a, b in zip(r, c)) for c in cols]
+            logits = [10.0 * sum(a * b for a, b in zip(r, c, strict=True)) for c in cols]
             total += math.log(sum(math.exp(v) for v in logits)) - logits[i]
         return total / len(rows)
 
@@ -89,7 +89,7 @@ def test_group_multi_label_loss_scores_an_image_by_its_best_group():
     groups = F.normalize(torch.randn(b, g, d, generator=gen, dtype=torch.float64), dim=-1)
     s = torch.tensor(6.0, dtype=torch.float64)
     prompts = f["prompts"].reshape(b * k, d).tolist()
-    sim = [[max(sum(x * y for x, y in zip(groups[i, j].tolist(), p)) for j in range(g)) for p in prompts]
+    sim = [[max(sum(x * y for x, y in zip(groups[i, j].tolist(), p, strict=True)) for j in range(g)) for p in prompts]
            for i in range(b)]  # [B, B*K]: best group of image i for every prompt, written out
     sim = torch.tensor(sim, dtype=torch.float64)
     y_img, y_txt = reference_multi_label_targets(b, k, 0, 1)

@@ -16,14 +16,14 @@ def brute_force(preds, targets, num_classes, ignore=255):
     ious = []
     for c in range(num_classes):
         inter = union = 0
-        for p, t in zip(preds, targets):
-            for pv, tv in zip(p.ravel().tolist(), t.ravel().tolist()):
+        for p, t in zip(preds, targets, strict=True):
+            for pv, tv in zip(p.ravel().tolist(), t.ravel().tolist(), strict=True):
                 if tv == ignore:
                     continue
                 inter += (pv == c and tv == c)
                 union += (pv == c or tv == c)
         ious.append(inter / union if union else math.nan)
-    correct = sum(int(((p == t) & (t != ignore)).sum()) for p, t in zip(preds, targets))
+    correct = sum(int(((p == t) & (t != ignore)).sum()) for p, t in zip(preds, targets, strict=True))
     valid = sum(int((t != ignore).sum()) for t in targets)
     return ious, correct / valid
 
@@ -39,7 +39,7 @@ def test_miou_equals_brute_force_on_random_masks_with_ignore():
         preds.append(p)
         targets.append(t)
     cm = ConfusionMatrix(n)
-    for p, t in zip(preds, targets):
+    for p, t in zip(preds, targets, strict=True):
         cm.update(torch.from_numpy(p), torch.from_numpy(t))
     scores = cm.result([f"c{i}" for i in range(n)])
     ious, acc = brute_force(preds, targets, n)

@@ -59,13 +59,13 @@ def assert_close_grads(a, b, rel=1e-5):
     assert a.keys() == b.keys()
     scale = max(v.abs().max().item() for v in a.values())
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=rel * scale, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=rel * scale, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def assert_close_dicts(a, b, **tol):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -327,8 +327,8 @@ def test_hard_and_soft_assignment_models_both_train():
 
 
 # ------------------------------------------------------------------------------------- speed switches == plain
-@pytest.mark.parametrize("change", [dict(attn_impl="eager"), dict(attn_impl="sdpa"), dict(fused_proj=False), dict(trim_text_padding=False),
-                                    dict(grad_checkpointing=True)])
+@pytest.mark.parametrize("change", [dict(attn_impl="eager"), dict(attn_impl="sdpa"), dict(fused_proj=False),
+                                    dict(trim_text_padding=False), dict(grad_checkpointing=True)])
 def test_speed_switch_matches_the_plain_path_in_training(change):
     # float64: the paths agree to ~1e-12 (in float32 the tiny random net amplifies rounding in a few gradients)
     model = GroupViT(cfg(drop_path_rate=0.2)).double().train()  # stochastic depth + Gumbel: same seed, same draws

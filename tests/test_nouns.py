@@ -43,7 +43,7 @@ def test_fast_pipeline_tags_like_the_full_one(nlp):
     full = spacy.load(MODEL)
     caps = list(CAPTIONS) + ["I'm gonna go.  It's the dog's ball", "U.S. president's speech -- 2019\n\nin the park",
                              "A group of people standing around a kitchen preparing food"]
-    for fast, ref in zip(nlp.pipe(caps), full.pipe(caps)):
+    for fast, ref in zip(nlp.pipe(caps), full.pipe(caps), strict=True):
         assert [t.tag_ for t in fast if not t.is_space] == [t.tag_ for t in ref if not t.is_space]
 
 

@@ -79,7 +79,7 @@ def test_embeddings_logits_and_soft_maps_match(pair):
 
     hf_maps = out.vision_model_output.attentions  # soft assignment of every grouping block, [B, G_i, N_i]
     assert len(seg["soft_maps"]) == len(hf_maps) == 2
-    for mine, theirs in zip(seg["soft_maps"], hf_maps):
+    for mine, theirs in zip(seg["soft_maps"], hf_maps, strict=True):
         assert mine.shape == theirs.shape
         torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=0)
         torch.testing.assert_close(mine.sum(dim=1), torch.ones_like(mine[:, 0]))  # softmax over groups

@@ -6,8 +6,15 @@ import math
 import torch
 
 from groupvit.evaluation.metrics import ConfusionMatrix, SegmentationScores
-from groupvit.evaluation.results import (classification_entry, comparison, finite, flat_metrics, per_class_csv,
-                                         per_class_rows, segmentation_entry)
+from groupvit.evaluation.results import (
+    classification_entry,
+    comparison,
+    finite,
+    flat_metrics,
+    per_class_csv,
+    per_class_rows,
+    segmentation_entry,
+)
 from groupvit.evaluation.runner import SegmentationRun
 
 NAMES = ["background", "cat", "dog"]

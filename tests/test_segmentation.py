@@ -5,9 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from groupvit.evaluation.segmentation import (Segmenter, SegmentationSettings, assignment_maps, class_affinity,
-                                              group_index, pixel_scores, resize_short_side, segment_crops,
-                                              slide_windows, stage_group_maps, with_background)
+from groupvit.evaluation.segmentation import (
+    SegmentationSettings,
+    Segmenter,
+    assignment_maps,
+    class_affinity,
+    group_index,
+    pixel_scores,
+    resize_short_side,
+    segment_crops,
+    slide_windows,
+    stage_group_maps,
+    with_background,
+)
 
 CAT, DOG, SKY = torch.eye(3)  # class embeddings: cat, dog, sky (background excluded); class index = 1 + row
 
@@ -199,7 +209,7 @@ def test_threshold_sweep_equals_separate_predictions():
     image[0, :, :8, :8] = 128  # a grey patch: weak for every class
     seg = colour_segmenter("slide")
     sweep, _ = seg.logits(image, [0.2, 0.5, 0.99])
-    for t, lg in zip([0.2, 0.5, 0.99], sweep):
+    for t, lg in zip([0.2, 0.5, 0.99], sweep, strict=True):
         assert torch.equal(lg.argmax(dim=1), seg.predict(image, t))
 
 

@@ -271,7 +271,7 @@ def test_stage_writes_voc_layout_the_evaluation_reader_accepts(tmp_path, capsys)
         ds = SegmentationDataset(out / split, layout="voc", split="val")
         assert ds.class_names == ["background", *spec.categories]
         assert len(ds) == 8
-        for i, sample in enumerate(ds):
+        for sample in ds:
             index = int(sample.id.split("_")[1])
             scene, _ = generate(spec, cfg.caption_style(), 0, split, index)
             # The mask on disk is the exact label map with the ignore band, stored losslessly.

@@ -13,8 +13,13 @@ import pytest
 
 from groupvit.errors import DataError
 from groupvit.evaluation.config import SegmentationSpec
-from groupvit.evaluation.thresholds import (THRESHOLDS_FILE, bg_thresh_for, tuned_threshold, tuned_thresholds,
-                                            write_thresholds)
+from groupvit.evaluation.thresholds import (
+    THRESHOLDS_FILE,
+    bg_thresh_for,
+    tuned_threshold,
+    tuned_thresholds,
+    write_thresholds,
+)
 
 
 @dataclass

@@ -10,8 +10,18 @@ import pytest
 import torch
 
 import groupvit
-from groupvit.tokenizer import (CONTEXT_LENGTH, EOT_ID, NUM_MERGES, SOT_ID, VOCAB_SIZE, SimpleTokenizer,
-                                bytes_to_unicode, default_tokenizer, default_vocab_path, tokenize)
+from groupvit.tokenizer import (
+    CONTEXT_LENGTH,
+    EOT_ID,
+    NUM_MERGES,
+    SOT_ID,
+    VOCAB_SIZE,
+    SimpleTokenizer,
+    bytes_to_unicode,
+    default_tokenizer,
+    default_vocab_path,
+    tokenize,
+)
 
 CAPTIONS = [
     "a photo of a cat.",
@@ -81,7 +91,7 @@ def test_matches_clip_reference(clip_reference):
 
 def test_matches_transformers_clip_tokenizer(hf_tokenizer):
     tokens = tokenize(CAPTIONS)
-    for text, ids in zip(CAPTIONS, tokens):
+    for text, ids in zip(CAPTIONS, tokens, strict=True):
         assert row(ids) == hf_ids(hf_tokenizer, text), text
     for escaped, plain in HTML:
         assert row(tokenize(escaped)[0]) == hf_ids(hf_tokenizer, plain), escaped

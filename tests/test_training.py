@@ -5,6 +5,7 @@ torchrun, loader and MLflow paths are in test_train_stage.py.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import subprocess
@@ -16,8 +17,7 @@ import torch
 
 from groupvit.losses import GroupViTLoss
 from groupvit.model import GroupViT, ModelConfig
-from groupvit.training import (DistInfo, NonFiniteLossError, TrainConfig, TrainResult, WarmupCosine, fit,
-                               param_groups)
+from groupvit.training import DistInfo, NonFiniteLossError, TrainConfig, TrainResult, WarmupCosine, fit, param_groups
 from groupvit.training import checkpointing as ckpt
 from groupvit.training.optim import build_optimizer
 
@@ -100,7 +100,7 @@ def test_warmup_then_per_step_cosine_to_the_minimum():
     assert s(55) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.55)))
     assert s(100) == pytest.approx(0.1) and s(150) == pytest.approx(0.1)
     after = [s(t) for t in range(10, 101)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(after))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
@@ -364,7 +364,8 @@ def test_a_finished_or_reconfigured_run_starts_afresh_instead_of_resuming(tmp_pa
 def test_the_summary_says_whether_the_length_or_a_budget_planned_the_steps():
     result = TrainResult(step=5, planned_steps=5, final_loss=1.25, images_per_s=12.34567, wall_s=3.21,
                          stopped_by_budget=False, resumed_from=None,
-                         curve=[{"step": 2, "loss": 2.123456789, "loss_itc": 1.0, "loss_ml": 1e-7, "lr": 0.00012345678}])
+                         curve=[{"step": 2, "loss": 2.123456789, "loss_itc": 1.0, "loss_ml": 1e-7,
+                                 "lr": 0.00012345678}])
     cfg = train_cfg(steps=0, epochs=2.0, max_minutes=0, grad_accum=2)
     assert result.full_steps(cfg, steps_per_epoch=3) == 6
     summary = result.summary(cfg, steps_per_epoch=3, world_size=2)

@@ -15,16 +15,31 @@ import functools
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from groupvit.checkpoint import keymap
-from groupvit.checkpoint.configs import (MULTI_LABEL_KEY, config_from_dict, config_from_hf, config_from_reference,
-                                         config_to_dict, config_to_hf, infer_config)
-from groupvit.checkpoint.io import (LAYOUTS, CheckpointError, RawCheckpoint, read_checkpoint, read_training_config,
-                                    save_official, save_safetensors_folder)
+from groupvit.checkpoint.configs import (
+    MULTI_LABEL_KEY,
+    config_from_dict,
+    config_from_hf,
+    config_from_reference,
+    config_to_dict,
+    config_to_hf,
+    infer_config,
+)
+from groupvit.checkpoint.io import (
+    LAYOUTS,
+    CheckpointError,
+    RawCheckpoint,
+    read_checkpoint,
+    read_training_config,
+    save_official,
+    save_safetensors_folder,
+)
 from groupvit.errors import ConfigError, DataError
 from groupvit.model.config import ModelConfig
 from groupvit.model.vision import resize_pos_embed

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -204,7 +205,8 @@ def config_to_hf(cfg: ModelConfig, multi_label_logit_scale: float | None = None)
     """
     if not cfg.hard_assignment:
         raise ConfigError("model.hard_assignment = false: the HF port always assigns hard (argmax in eval), so the "
-                          "exported model would segment differently; keep this checkpoint in our or the official layout")
+                          "exported model would segment differently; keep this checkpoint in our or the official "
+                          "layout")
     if cfg.group_residual != 1.0:
         raise ConfigError(f"model.group_residual = {cfg.group_residual}: the HF port always adds the group tokens back "
                           "at scale 1, so the exported model would compute something else; keep this checkpoint in "

@@ -20,9 +20,10 @@ import pickle
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -66,7 +67,7 @@ class _Opaque:
     """Stand-in for any non-tensor class pickled beside the weights (the reference saves its OmegaConf config,
     optimizer and metrics in the same file). It swallows its arguments and state: nothing is imported or run."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Opaque":
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
         return object.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

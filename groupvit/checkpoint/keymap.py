@@ -15,6 +15,7 @@ before the prefix rules.
 from __future__ import annotations
 
 import re
+
 import torch
 
 _V = "vision_model.encoder.stages.{i}"
@@ -111,7 +112,7 @@ def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, tensor in state.items():
         names = hf_names(key)
         if len(names) == 3:
-            for name, chunk in zip(names, tensor.chunk(3, dim=0)):  # [3C, ...] -> 3 x [C, ...]
+            for name, chunk in zip(names, tensor.chunk(3, dim=0), strict=True):  # [3C, ...] -> 3 x [C, ...]
                 out[name] = chunk.clone()
         elif names:
             out[names[0]] = tensor

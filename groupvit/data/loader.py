@@ -27,8 +27,9 @@ import io
 import logging
 import multiprocessing
 import multiprocessing.sharedctypes
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

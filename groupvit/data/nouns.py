@@ -19,8 +19,9 @@ import json
 import re
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from groupvit.atomic import atomic_dir, atomic_write
 from groupvit.data.config import NounsConfig
@@ -85,7 +86,7 @@ def extract_words(nlp: Any | None, captions: Sequence[str], word_type: str = "no
     else:
         nlp = nlp or load_pipeline(model or "", lemma)
         words_list = [words_of(doc, word_type, lemma) for doc in nlp.pipe(unique, batch_size=batch_size)]
-    words = dict(zip(unique, words_list))
+    words = dict(zip(unique, words_list, strict=True))
     return [words[c.strip()] for c in captions]
 
 
@@ -174,7 +175,7 @@ def build_sidecars(cfg: NounsConfig, nlp: Any | None = None) -> dict[str, Any]:
     # All sidecars appear together (staging folder swapped in): a failed run never leaves a mix of old and new.
     it = iter(words)
     with atomic_dir(cfg.output_dir) as staging:
-        for tar, caps in zip(shards, per_shard):
+        for tar, caps in zip(shards, per_shard, strict=True):
             write_sidecar(staging / f"{tar.stem}.json", {key: next(it) for key in caps})
     n_words = [len(w) for w in words]
     return {"captions": len(captions), "shards": len(shards), "seconds": round(seconds, 3),

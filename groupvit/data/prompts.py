@@ -7,8 +7,8 @@ the caption when fewer than K words exist. The caption comes first: `[caption, p
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -15,7 +15,7 @@ from groupvit.errors import DataError
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         with self.server.lock:
@@ -44,7 +44,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
     requests: list[str]
     lock: threading.Lock
-    owner: "LoopbackImageServer"
+    owner: LoopbackImageServer
 
 
 class LoopbackImageServer:
@@ -69,7 +69,7 @@ class LoopbackImageServer:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "LoopbackImageServer":
+    def start(self) -> LoopbackImageServer:
         if not self.directory.is_dir():
             raise DataError(f"{self.directory}: folder to serve not found")
         handler = functools.partial(_Handler, directory=str(self.directory))
@@ -95,7 +95,7 @@ class LoopbackImageServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> "LoopbackImageServer":
+    def __enter__(self) -> LoopbackImageServer:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

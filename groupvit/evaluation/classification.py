@@ -2,8 +2,8 @@
 embeddings, then L2-normalise; score = normalised image embedding . class embedding, top-1 / top-5)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,10 +12,10 @@ data set root (background first) overrides the layout's class list (the syntheti
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ from groupvit.errors import DataError
 from groupvit.evaluation.classification import class_embeddings, templates_of
 from groupvit.evaluation.config import EvaluateConfig, ModelSpec, SegmentationSpec
 from groupvit.evaluation.limits import MAX_LONG_SIDE
-from groupvit.evaluation.segmentation import Segmenter, SegmentationSettings
+from groupvit.evaluation.segmentation import SegmentationSettings, Segmenter
 from groupvit.evaluation.visualize import prediction_figure
 from groupvit.model import IMAGENET_MEAN, IMAGENET_STD
 

@@ -29,10 +29,10 @@ class ConfusionMatrix:
         n = self.num_classes
         self.counts += torch.bincount(t * n + p, minlength=n * n).view(n, n)
 
-    def merge(self, other: "ConfusionMatrix") -> None:
+    def merge(self, other: ConfusionMatrix) -> None:
         self.counts += other.counts
 
-    def result(self, class_names: list[str] | None = None) -> "SegmentationScores":
+    def result(self, class_names: list[str] | None = None) -> SegmentationScores:
         return SegmentationScores.from_counts(self.counts, class_names)
 
 
@@ -46,7 +46,7 @@ class SegmentationScores:
     iou: dict[str, float]
 
     @staticmethod
-    def from_counts(counts: torch.Tensor, class_names: list[str] | None = None) -> "SegmentationScores":
+    def from_counts(counts: torch.Tensor, class_names: list[str] | None = None) -> SegmentationScores:
         counts = counts.double()
         tp = counts.diag()
         gt = counts.sum(dim=1)
@@ -60,7 +60,7 @@ class SegmentationScores:
             miou=float(iou.nanmean()) if union.gt(0).any() else math.nan,
             pixel_accuracy=float(tp.sum() / total) if total > 0 else math.nan,
             mean_accuracy=float(acc.nanmean()) if gt.gt(0).any() else math.nan,
-            iou={n: float(v) for n, v in zip(names, iou)},
+            iou={n: float(v) for n, v in zip(names, iou, strict=True)},
         )
 
     def as_dict(self, percent: bool = True) -> dict[str, float]:

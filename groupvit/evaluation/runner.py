@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ def evaluate_segmentation(segmenter: Segmenter, dataset: SegmentationDataset, th
         inference_size(*images.shape[-2:], settings.short_side, settings.long_side, _where(dataset, batch[0].id))
         targets = torch.stack([s.mask for s in batch])
         logits, groups = segmenter.logits(images, thresholds, need_groups=oracle_cm is not None)
-        for t, lg in zip(thresholds, logits):
+        for t, lg in zip(thresholds, logits, strict=True):
             matrices[t].update(lg.argmax(dim=1), targets)
         if oracle_cm is not None and groups is not None:
             # one vote count for the batch: offset the group ids so that every image's groups stay its own

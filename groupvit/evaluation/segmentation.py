@@ -17,14 +17,13 @@ and an aspect ratio of at most `MAX_ASPECT_RATIO`:1 (more elongated images are r
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from groupvit.evaluation.limits import (MAX_ASPECT_RATIO, MAX_LONG_SIDE, MAX_PIXELS, ImageSizeError,  # noqa: F401
-                                        inference_size)
+from groupvit.evaluation.limits import MAX_ASPECT_RATIO, MAX_LONG_SIDE, MAX_PIXELS, ImageSizeError, inference_size  # noqa: F401
 
 # A model's `segmentation_outputs(pixels) -> {"image", "groups", "soft_maps", "grid"}`.
 Encoder = Callable[[torch.Tensor], Mapping[str, object]]

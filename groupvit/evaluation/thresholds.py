@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from groupvit.atomic import atomic_write
 from groupvit.errors import DataError

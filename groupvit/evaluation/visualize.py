@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -71,7 +71,7 @@ def segmentation_figure(image: torch.Tensor, pred: torch.Tensor, class_names: Se
         panels.append((f"stage {i + 1} groups ({len(np.unique(gn))} used)",
                        blend(img, colorize(gn, group_palette(int(gn.max()) + 1, seed=i))), None))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.4), squeeze=False)
-    for ax, (name, picture, labels) in zip(axes[0], panels):
+    for ax, (name, picture, labels) in zip(axes[0], panels, strict=True):
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.axis("off")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
 
 import torch
 from torch import nn
@@ -10,7 +9,7 @@ from torch import nn
 PRECISIONS = ("fp32", "bf16")
 
 
-def autocast(precision: str, device_type: str = "cpu") -> ContextManager:
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     """A context that runs matmuls in bf16 (`bf16`; weights and the optimizer stay fp32) or does nothing (`fp32`).
 
     bf16 needs no loss scaling (unlike the reference's fp16 apex O1).

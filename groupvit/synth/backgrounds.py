@@ -7,8 +7,8 @@ background word in a caption says nothing about which objects the image holds.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

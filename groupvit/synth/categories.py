@@ -10,8 +10,8 @@ Why consistent appearance: a first world with random colours per shape taught a 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

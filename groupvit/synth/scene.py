@@ -113,15 +113,15 @@ def make_scene(spec: WorldSpec, rng: np.random.Generator) -> Scene:
             region, rgb, box, area = _render(spec, class_index, cx, cy, r, angle, bool(rng.integers(2)), rng)
             y0, y1, x0, x1 = box
             covered = np.bincount(owner[y0:y1, x0:x1][region], minlength=len(objects) + 1)[1:]  # per object
-            after = [vis - int(c) for vis, c in zip(visible, covered)] + [int(region.sum())]
+            after = [vis - int(c) for vis, c in zip(visible, covered, strict=True)] + [int(region.sum())]
             full = [o.area for o in objects] + [area]
-            if area > 0 and all(seen >= spec.min_visible * whole for seen, whole in zip(after, full)):
+            if area > 0 and all(seen >= spec.min_visible * whole for seen, whole in zip(after, full, strict=True)):
                 owner[y0:y1, x0:x1][region] = len(objects) + 1
                 canvas[y0:y1, x0:x1][region] = _jitter(rgb[region], rng)
                 objects.append(PlacedObject(class_index, float(cx), float(cy), float(r), area, box, region))
                 visible = after
                 break
-    for obj, vis in zip(objects, visible):
+    for obj, vis in zip(objects, visible, strict=True):
         obj.visible = vis
     lookup = np.array([0] + [o.class_index for o in objects], np.uint8)
     image = np.clip(canvas, 0, 255).astype(np.uint8)

@@ -17,9 +17,9 @@ import io
 import multiprocessing
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -133,12 +133,12 @@ def write_world(out: Path, spec: WorldSpec, style: CaptionStyle, *, seed: int, c
     rows: dict[str, list] = {split: [] for split in SPLITS}
     if workers <= 1:
         results: Iterator = map(_run, jobs)
-        for job, result in zip(jobs, results):
+        for job, result in zip(jobs, results, strict=True):
             rows[job.split] += result
     else:
         # spawn: children start clean whatever the parent imported (torch threads, open files).
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for job, result in zip(jobs, pool.imap(_run, jobs)):
+            for job, result in zip(jobs, pool.imap(_run, jobs), strict=True):
                 rows[job.split] += result
 
     train = rows["train"]

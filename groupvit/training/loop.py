@@ -14,8 +14,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from groupvit.training import checkpointing as ckpt
 from groupvit.training.config import TrainConfig
-from groupvit.training.distributed import (DistInfo, all_gather_object, all_reduce_max, all_reduce_mean,
-                                           broadcast_object, seed_everything)
+from groupvit.training.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_max,
+    all_reduce_mean,
+    broadcast_object,
+    seed_everything,
+)
 from groupvit.training.optim import build_optimizer
 from groupvit.training.result import TrainResult
 from groupvit.training.resume import stale_reason

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,8 +30,15 @@ from groupvit.evaluation.config import ClassificationSpec, EvaluateConfig, Segme
 from groupvit.evaluation.datasets import ImageFolderDataset, SegmentationDataset, SingleObjectDataset
 from groupvit.evaluation.inference import LoadedModel, load_models, make_segmenter, segmentation_settings
 from groupvit.evaluation.metrics import all_background_miou
-from groupvit.evaluation.results import (classification_entry, comparison, finite, flat_metrics, per_class_csv,
-                                         per_class_rows, segmentation_entry)
+from groupvit.evaluation.results import (
+    classification_entry,
+    comparison,
+    finite,
+    flat_metrics,
+    per_class_csv,
+    per_class_rows,
+    segmentation_entry,
+)
 from groupvit.evaluation.runner import evaluate_classification, evaluate_segmentation
 from groupvit.evaluation.segmentation import Segmenter
 from groupvit.evaluation.thresholds import bg_thresh_for, tuned_thresholds, write_thresholds
