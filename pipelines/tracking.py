@@ -115,6 +115,9 @@ def _artifact_location(uri: str) -> str | None:
     return (path.parent / "mlartifacts").resolve().as_uri()
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # "machine learning"
+
+
 def setup(cfg: TrackingConfig, root: str | os.PathLike[str] | None = None) -> str:
     """Check the store, point MLflow at it and create/select the experiment; returns the resolved URI."""
     import mlflow
@@ -128,22 +131,34 @@ def setup(cfg: TrackingConfig, root: str | os.PathLike[str] | None = None) -> st
         except mlflow.exceptions.MlflowException:  # created concurrently by another stage
             if mlflow.get_experiment_by_name(cfg.experiment) is None:
                 raise
-    mlflow.set_experiment(cfg.experiment)
+    experiment = mlflow.set_experiment(cfg.experiment)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        # without it MLflow 3 may open the experiment on its GenAI traces overview (empty here), not the runs table
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return uri
 
 
 @contextlib.contextmanager
 def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str] | None = None, nested: bool = False,
-              root: str | os.PathLike[str] | None = None, log_system_metrics: bool | None = None) -> Iterator[Any]:
+              root: str | os.PathLike[str] | None = None, log_system_metrics: bool | None = None,
+              start_time: float | None = None) -> Iterator[Any]:
     """`with start_run(cfg, "train") as run:` an MLflow run in the configured store and experiment.
 
     The run ends FAILED when the body raises, FINISHED otherwise (MLflow's own context-manager behaviour).
+    `start_time` (seconds since the epoch) back-dates the run's start to when its work began, for a stage that logs
+    only once its work is done, so the run's duration in the UI is the work's.
     """
     import mlflow
 
     setup(cfg, root)
     system = cfg.system_metrics if log_system_metrics is None else log_system_metrics
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {}), log_system_metrics=system) as run:
+    run_id = None
+    if start_time is not None and not nested and mlflow.active_run() is None and "MLFLOW_RUN_ID" not in os.environ:
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        run_id = mlflow.MlflowClient().create_run(experiment.experiment_id, start_time=int(start_time * 1000),
+                                                  tags=dict(tags or {}), run_name=run_name).info.run_id
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                          tags=None if run_id else dict(tags or {}), log_system_metrics=system) as run:
         yield run
 
 
@@ -269,7 +284,7 @@ class RunTracker:
             registered = tracker.finish(model_dir, metrics, curve_csv)
     """
 
-    def __init__(self, cfg: TrackingConfig, train_dir: Path, enabled: bool, run_name: str = "train"):
+    def __init__(self, cfg: TrackingConfig, train_dir: Path, enabled: bool, run_name: str = "train/groupvit"):
         self.cfg, self.enabled, self.run_name = cfg, enabled, run_name
         self.run_file = Path(train_dir) / "mlflow_run.json"
         self.run_id, self.uri = "", ""

@@ -343,3 +343,36 @@ def test_segment_help_states_the_size_limits(capsys):
         segment.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "capped at 4096 px on its long side and 4,194,304 px in all" in text and "64:1 are refused" in text
+
+
+def test_the_runs_table_compares_models_by_mlflow_run_and_times_the_evaluation(tmp_path, world, models):
+    """After `dvc repro` a user opens the experiment on its runs table (the experiment is marked as model training,
+    not GenAI), finds `miou_test` on each training run, and an evaluate run whose duration is the evaluation's (it
+    used to start after the work, and showed 50 ms)."""
+    import shutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("t")
+    with mlflow.start_run(run_name="train/groupvit") as training:
+        pass
+    model_dir = tmp_path / "model"
+    shutil.copytree(models["groupvit"], model_dir)
+    write_model_record(model_dir, {"run_id": training.info.run_id, "tracking_uri": uri, "experiment": "t"})
+    params = write_params(tmp_path, world, {**models, "groupvit": model_dir})
+    assert stage.main(["--params", str(params)]) == 0
+
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    client = mlflow.MlflowClient(uri)
+    trained = client.get_run(training.info.run_id).data
+    assert trained.metrics["miou_test"] == pytest.approx(metrics["synth_test"]["groupvit"]["miou"])
+    assert trained.metrics["miou_val"] == pytest.approx(metrics["synth_val"]["groupvit"]["best_miou"])
+    assert trained.metrics["group_oracle"] == pytest.approx(metrics["synth_test"]["groupvit"]["oracle_miou"])
+    evaluate_run = client.search_runs([client.get_experiment_by_name("t").experiment_id],
+                                      filter_string="attributes.run_name = 'evaluate'")[0]
+    assert trained.tags["evaluated_by"] == evaluate_run.info.run_id
+    assert evaluate_run.data.metrics["miou_test/vit_pixelwise"] == pytest.approx(
+        metrics["synth_test"]["vit_pixelwise"]["miou"])
+    # the run began before the work it records: before the metrics file was written, not after
+    assert evaluate_run.info.start_time / 1000 < (tmp_path / "metrics/evaluate.json").stat().st_mtime
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "custom_model_development"

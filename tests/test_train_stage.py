@@ -212,6 +212,7 @@ def test_training_on_the_synthetic_world_lowers_the_loss_and_is_tracked_in_mlflo
     assert p["train.lr"] == "0.003" and p["model.preset"] == "tiny" and p["data.multi_label"] == "3"
     assert p["run.world_size"] == "1" and p["run.global_batch"] == "8"
     assert run.data.tags["stage"] == "train" and "git_commit" in run.data.tags
+    assert run.info.run_name == "train/groupvit"  # the baseline stage passes --run-name train/vit_pixelwise
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [4, 8, 12, 16, 20, 24]
     assert [m.value for m in history] == pytest.approx(curve["loss"].tolist(), rel=1e-5)

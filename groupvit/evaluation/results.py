@@ -81,6 +81,30 @@ def per_class_csv(rows: list[dict[str, Any]], dataset: str | None = None) -> str
     return buf.getvalue()
 
 
+# The few figures a runs table compares models by (MLflow columns, ablation children): metric name -> (which data
+# set, which entry of a model's result). "test" is the report data set, "val" the one its threshold was tuned on.
+HEADLINE = {"miou_test": ("test", "miou"), "miou_val": ("val", "best_miou"), "group_oracle": ("test", "oracle_miou"),
+            "prompt_cosine": ("test", "prompt_cosine"), "pixel_accuracy_test": ("test", "pixel_accuracy")}
+
+
+def headline_metrics(results: dict[str, Any], model: str, test: str, val: str = "") -> dict[str, float]:
+    """`HEADLINE`'s figures of `model`: `{"miou_test": 68.45, "miou_val": 67.64, ...}` (absent ones left out).
+
+    Args:
+        results: the evaluation results (`metrics/evaluate.json`).
+        model: the evaluated model's name.
+        test: the report data set (held out).
+        val: the data set its background threshold was tuned on ('' = none).
+    """
+    sets = {"test": results.get(test, {}).get(model, {}), "val": results.get(val, {}).get(model, {}) if val else {}}
+    out = {}
+    for name, (which, key) in HEADLINE.items():
+        value = sets[which].get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 def flat_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """`{"synth_test/groupvit/miou": 61.2, ...}` for MLflow (numbers only; None, booleans and text are left out)."""
     out: dict[str, float] = {}

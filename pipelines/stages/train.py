@@ -6,8 +6,8 @@ resolved_config.yaml, mlflow_run.json), `data/model` (model.safetensors, config.
 `mlflow.json`, the run and registered version of these weights, is machine-local and outside the DVC hash), metrics
 `metrics/train.json`, plots `metrics/train_loss.csv` (step, loss, loss_itc, loss_ml, lr).
 
-Options: `--train-dir`, `--model-dir`, `--metrics-dir` (the outs above), `--run-name` (MLflow run name; e.g. `--run-name
-train_baseline` for the baseline stage), `--launcher auto|torchrun|none`.
+Options: `--train-dir`, `--model-dir`, `--metrics-dir` (the outs above), `--run-name` (MLflow run name; the baseline
+stage: `--run-name train/vit_pixelwise`), `--launcher auto|torchrun|none`.
 
 Processes: `train.nproc` (`auto` = one per GPU, 1 on CPU). With more than one, or `--launcher torchrun`, the stage
 re-runs itself as torchrun workers (`pipelines/launch.py`; NCCL on GPUs, gloo on CPU). For several machines, start
@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-dir", default="data/train", help="checkpoints and run state (default: data/train)")
     p.add_argument("--model-dir", default="data/model", help="final model folder (default: data/model)")
     p.add_argument("--metrics-dir", default="metrics", help="train.json and train_loss.csv (default: metrics)")
-    p.add_argument("--run-name", default="train", help="MLflow run name (default: train)")
+    p.add_argument("--run-name", default="train/groupvit",
+                   help="MLflow run name (default: train/groupvit; the baseline stage: train/vit_pixelwise)")
     p.add_argument("--launcher", choices=("auto", "torchrun", "none"), default="auto",
                    help="auto: torchrun when train.nproc > 1; torchrun: always; none: this process only")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the launcher for each rank
