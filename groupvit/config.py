@@ -218,6 +218,10 @@ def read_params(params_file: str | os.PathLike[str], overrides: Iterable[str] = 
         hint = "" if isinstance(raw[unknown[0]], dict) else "; a key of the section above that lost its indentation?"
         raise ConfigError(f"{path}: unknown section {unknown[0]!r} (known sections: {', '.join(KNOWN_SECTIONS)})"
                           f"{hint}")
+    return _set_all(raw, parsed, str(path))
+
+
+def _set_all(raw: dict[str, Any], parsed: list[tuple[list[str], Any]], where: str) -> dict[str, Any]:
     for keys, value in parsed:
         node = raw
         for k in keys[:-1]:
@@ -225,9 +229,15 @@ def read_params(params_file: str | os.PathLike[str], overrides: Iterable[str] = 
                 node[k] = {}
             node = node[k]
             if not isinstance(node, dict):
-                raise ConfigError(f"{path}: --set {'.'.join(keys)}: {k} is not a mapping")
+                raise ConfigError(f"{where}: --set {'.'.join(keys)}: {k} is not a mapping")
         node[keys[-1]] = value
     return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str], where: str = "params") -> dict[str, Any]:
+    """`raw` (a params dict, changed in place and returned) with `section.key=value` overrides applied in order, as
+    `--set` applies them; `where` names the source in errors."""
+    return _set_all(raw, parse_overrides(overrides), where)
 
 
 @functools.cache

@@ -1,22 +1,30 @@
-"""The paper's ablations as a grid of train+evaluate variants, one MLflow child run each under one parent run.
+"""The paper's ablations as train+evaluate jobs over bases, axes and seeds: one MLflow parent, one child per job.
 
-The `ablate:` section of params.yaml names the axes; each axis maps value labels to `--set` overrides, the first
-value being the baseline:
+The `ablate:` section of params.yaml:
 
     ablate:
-      mode: one_at_a_time       # the paper's tables: the baseline, then one axis changed at a time | grid: all combos
-      axes:
-        assignment: {hard: [model.hard_assignment=true], soft: [model.hard_assignment=false]}
+      seeds: [0, 1, 2]                 # every variant runs once per seed (the replicates of the report)
+      bases:                           # what the axes are varied from, one at a time (the paper's tables)
+        this-world: []                 # params.yaml as it is
+        paper: {set: [model.hard_assignment=true, ...], axes: [assignment, stages]}
+      axes:                            # axis -> {value label: override(s)}
+        assignment: {soft: model.hard_assignment=false, hard: model.hard_assignment=true}
 
-Every variant runs the same `groupvit train` and `groupvit evaluate` commands as the DVC stages, with the same seed,
-data and budget (`ablate.set`), inside `data/ablation/<variant>/` (the pipeline's outputs linked in). The child run
-gets the axes as params (`axis.<name>`), the training losses (logged by the train stage itself, which resumes the
-child run through `MLFLOW_RUN_ID`) and `miou`; the parent gets a markdown table and a PNG chart of the comparison,
-also written to `data/ablation/`.
+A *variant* is a base with at most one axis changed (`mode: grid`: every combination); a label whose overrides leave
+the base's resolved configuration as it is names the base's own value and is not run again. A *job* is a variant at
+one seed. Each job runs the same `groupvit train` and `groupvit evaluate` commands as the DVC stages inside
+`<out_dir>/<base>/<variant>/seed<k>/` (the pipeline's data linked in), logging into its child run (`MLFLOW_RUN_ID`).
+
+Resumable: a job's key is the hash of everything that decides its result (the resolved sections the stages read,
+the pipeline data it reads, the seed). A rerun of the study (the parent run of `ablate.study`) skips the jobs whose
+child run FINISHED with the same key and whose folder holds that key and its metrics; an interrupted job continues
+in its child run from its checkpoints; a job whose key changed (an override, the budget, the data) runs afresh and
+its old child is tagged superseded. `pipelines.ablation_report` turns the children into the report.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -29,158 +37,196 @@ from pathlib import Path
 from typing import Any
 
 from groupvit.atomic import atomic_write
-from groupvit.config import load_section
+from groupvit.config import apply_overrides, load_section, read_params
 from groupvit.errors import ConfigError
 from pipelines.config import AblationConfig
-from pipelines.tracking import TrackingConfig, git_commit, resolve_uri, setup
-from pipelines.workspace import flatten, run_streaming, tool_env
+from pipelines.tracking import TrackingConfig, dvc_data_hashes, git_commit, resolve_uri, setup
+from pipelines.workspace import run_streaming, tool_env
 
-METRIC_FILES = ("train.json", "evaluate.json")  # flattened into the child run's metrics (numbers only)
+# The sections `groupvit train` and `groupvit evaluate` read: a job's result is decided by these (and its data).
+JOB_SECTIONS = ("base", "model", "data", "train", "evaluate")
+KEY_FILE = ".ablation-key"  # in a job folder: the key of the job whose outputs it holds
+PARENT_TAG, KIND_TAG, KEY_TAG = "groupvit.study", "groupvit.ablation", "groupvit.key"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One point of the grid: a name, the axis labels it takes and the overrides that realise them."""
+    """A base with its axis labels: `name` is `<base>/baseline` or `<base>/<axis>-<label>`."""
 
     name: str
-    axes: dict[str, str]
-    overrides: tuple[str, ...]
+    base: str
+    axes: dict[str, str]  # axis -> the label this variant takes ("base" where no label equals the base's value)
+    changed: tuple[str, ...]  # the axes this variant changes from its base
+    overrides: tuple[str, ...]  # the base's overrides, then the changed axes' ones
+
+
+@dataclass(frozen=True)
+class Job:
+    """One child run: a variant at one seed."""
+
+    variant: Variant
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}/seed{self.seed}"
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return (*self.variant.overrides, f"base.seed={self.seed}")
+
+
+def _overrides(value: Any, where: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(o, str) and "=" in o for o in items):
+        raise ConfigError(f"{where}: expected 'section.key=value' or a list of them, found {value!r}")
+    return tuple(items)
 
 
 def _axes(cfg: AblationConfig) -> dict[str, dict[str, tuple[str, ...]]]:
     """Validate `ablate.axes` into {axis: {label: overrides}}."""
-    where = "ablate.axes"
     if not isinstance(cfg.axes, dict) or not cfg.axes:
-        raise ConfigError(f"{where}: expected a mapping of axis name -> {{value label: overrides}}, found {cfg.axes!r}")
+        raise ConfigError(f"ablate.axes: expected a mapping of axis name -> {{value label: overrides}}, found "
+                          f"{cfg.axes!r}")
     out: dict[str, dict[str, tuple[str, ...]]] = {}
     for axis, values in cfg.axes.items():
         if not isinstance(values, dict) or not values:
-            raise ConfigError(f"{where}.{axis}: expected a mapping of value label -> overrides, found {values!r}")
-        out[str(axis)] = {}
-        for label, overrides in values.items():
-            items = [overrides] if isinstance(overrides, str) else overrides
-            if not isinstance(items, list) or not all(isinstance(o, str) and "=" in o for o in items):
-                raise ConfigError(f"{where}.{axis}.{label}: expected 'section.key=value' or a list of them, "
-                                  f"found {overrides!r}")
-            out[str(axis)][str(label)] = tuple(items)
+            raise ConfigError(f"ablate.axes.{axis}: expected a mapping of value label -> overrides, found {values!r}")
+        out[str(axis)] = {str(label): _overrides(o, f"ablate.axes.{axis}.{label}") for label, o in values.items()}
+    return out
+
+
+def _bases(cfg: AblationConfig, axes: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Validate `ablate.bases` into {base: (overrides, axes varied from it)}; a list value means every axis."""
+    bases = cfg.bases if cfg.bases is not None else {"this-world": []}
+    if not isinstance(bases, dict) or not bases:
+        raise ConfigError(f"ablate.bases: expected a mapping of base name -> overrides or {{set, axes}}, found "
+                          f"{bases!r}")
+    out = {}
+    for name, spec in bases.items():
+        where = f"ablate.bases.{name}"
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - {"set", "axes"})
+            if unknown:
+                raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: axes, set)")
+            overrides, varied = _overrides(spec.get("set", []), f"{where}.set"), spec.get("axes", list(axes))
+        else:
+            overrides, varied = _overrides(spec, where), list(axes)
+        if not isinstance(varied, list) or any(a not in axes for a in varied):
+            raise ConfigError(f"{where}.axes: expected a list of axes of ablate.axes ({', '.join(axes)}), found "
+                              f"{varied!r}")
+        out[str(name)] = (overrides, tuple(varied))
     return out
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+    return re.sub(r"[^a-z0-9_.]+", "-", text.lower()).strip("-.") or "x"
 
 
-def plan(cfg: AblationConfig) -> list[Variant]:
-    """The variants to run, baseline first.
+def resolved(params: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The sections a job's stages read, after `overrides` (what decides its result, with its data)."""
+    raw = apply_overrides(json.loads(json.dumps(params)), overrides, "params.yaml")
+    return {s: raw.get(s) for s in JOB_SECTIONS}
 
-    one_at_a_time: the baseline (first label of every axis), then each other label of each axis with the rest at
-    baseline. grid: the cartesian product of all axes. Where overrides set the same key, a changed axis wins over
-    the baseline labels (so an axis that changes several keys at once, like a whole recipe, is applied as written).
+
+def plan(cfg: AblationConfig, params: dict[str, Any]) -> list[Variant]:
+    """The variants to run, each base's own point first.
+
+    Args:
+        cfg: the `ablate` section.
+        params: the project's params.yaml (before the variants' overrides), to tell which labels change a base.
+
+    one_at_a_time: each base, then each label of each axis varied from it that changes the base's resolved
+    configuration. grid: every combination of those labels per base. The shared `ablate.set` is not part of the
+    variants (every job gets it first).
     """
     axes = _axes(cfg)
-    baseline = {axis: next(iter(values)) for axis, values in axes.items()}
-    if cfg.mode == "grid":
-        points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*(list(v) for v in axes.values()))]
-    else:
-        points = [baseline] + [{**baseline, axis: label} for axis, values in axes.items() for label in list(values)[1:]]
-    variants = []
-    for point in points:
-        changed = [f"{axis}-{label}" for axis, label in point.items() if label != baseline[axis]]
-        name = _slug("_".join(changed)) if changed else "baseline"
-        kept = [o for axis, label in point.items() if label == baseline[axis] for o in axes[axis][label]]
-        overrides = tuple(kept + [o for axis, label in point.items() if label != baseline[axis]
-                                  for o in axes[axis][label]])
-        variants.append(Variant(name, dict(point), overrides))
+    variants, seen = [], set()
+    for base, (base_set, varied) in _bases(cfg, axes).items():
+        here = resolved(params, base_set)
+        own = {}  # the label of each axis that the base already has (its overrides change nothing)
+        for axis, labels in axes.items():
+            own[axis] = next((label for label, o in labels.items() if resolved(params, (*base_set, *o)) == here),
+                             "base")
+        if cfg.mode == "grid":
+            combos = itertools.product(*([(a, lab) for lab in axes[a]] for a in varied))
+            points = [dict(c) for c in combos]
+        else:
+            points = [{}] + [{axis: label} for axis in varied for label in axes[axis]]
+        for point in points:
+            point = {a: lab for a, lab in point.items() if lab != own[a]}
+            overrides = (*base_set, *(o for a, lab in point.items() for o in axes[a][lab]))
+            effective = json.dumps(resolved(params, overrides), sort_keys=True)
+            if (base, effective) in seen:
+                continue  # the same configuration as a variant already planned (a label equal to another's)
+            seen.add((base, effective))
+            name = "_".join(f"{a}-{lab}" for a, lab in point.items()) or "baseline"
+            variants.append(Variant(f"{base}/{_slug(name)}", base, {**own, **point}, tuple(point), overrides))
     return variants
 
 
-def metric_value(metrics: dict[str, Any], spec: str) -> float | None:
-    value = metrics.get(spec)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def jobs(cfg: AblationConfig, variants: list[Variant]) -> list[Job]:
+    """Seed-major order: every variant at the first seed, then the next seed, so a study stopped early still has
+    every variant once."""
+    if not cfg.seeds:
+        raise ConfigError("ablate.seeds: expected at least one seed")
+    return [Job(v, s) for s in cfg.seeds for v in variants]
 
 
-def markdown_table(results: list[dict[str, Any]], metric: str = "evaluate.json:miou") -> str:
-    """One row per variant: its axis labels, the ranking metric, the final losses and its status."""
-    if not results:
-        return "_no variants_\n"
-    axes = list(results[0]["axes"])
-    losses = sorted({k for r in results for k in r["metrics"] if k.startswith("train.json:") and "loss" in k})
-    head = ["variant", *axes, metric, *losses, "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        cells = [r["name"], *(r["axes"][a] for a in axes)]
-        cells += [_fmt(r["metrics"].get(k)) for k in (metric, *losses)] + [r["status"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def chart(results: list[dict[str, Any]], metric: str, path: Path) -> Path:
-    """A horizontal bar chart of `metric` per variant (baseline on top), saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in results][::-1]
-    values = [metric_value(r["metrics"], metric) or 0.0 for r in results][::-1]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
-    bars = ax.barh(names, values, color=["#4c72b0" if n != "baseline" else "#dd8452" for n in names])
-    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=3, fontsize=8)
-    ax.set_xlabel(metric.partition(":")[2] or metric)
-    ax.set_title("GroupViT ablation (same seed, data and budget)")
-    ax.set_xlim(0, max(values + [1e-6]) * 1.2)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # tmp has no .png suffix
-    finally:
-        plt.close(fig)
-
-
-def _read_metrics(folder: Path) -> dict[str, Any]:
-    """`{"<file>:<dotted key>": value}` of the variant's metrics files."""
-    out: dict[str, Any] = {}
-    for name in METRIC_FILES:
-        path = folder / name
-        if path.is_file():
-            out.update({f"{name}:{k}": v for k, v in flatten(json.loads(path.read_text())).items()})
-    return out
+def job_key(job: Job, shared: tuple[str, ...], params: dict[str, Any], data: dict[str, str]) -> str:
+    """The hash of what decides a job's result: its resolved sections and the DVC hashes of the data it reads."""
+    config = resolved(params, (*shared, *job.overrides))
+    blob = json.dumps({"config": config, "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class AblationRunner:
-    """Runs variants as child runs of one MLflow parent run; see the module docstring."""
+    """Runs the jobs of a study as child runs of one MLflow parent run; see the module docstring."""
 
     def __init__(self, workdir: Path, params_file: str, cfg: AblationConfig, tracking: TrackingConfig,
-                 variants: list[Variant] | None = None, extra_sets: tuple[str, ...] = ()):
+                 only: tuple[str, ...] = (), extra_sets: tuple[str, ...] = (), fresh: bool = False):
         import mlflow
 
         self.workdir, self.params_file, self.cfg = workdir, params_file, cfg
-        self.variants = plan(cfg) if variants is None else variants
-        self.extra_sets = extra_sets  # command-line overrides of other sections, applied to every variant
+        self.params = read_params(workdir / params_file)
+        self.variants = plan(cfg, self.params)  # the whole study, also when `only` runs a part of it
+        self.jobs = [j for j in jobs(cfg, self.variants) if not only or j.variant.name in only]
+        self.shared = (*cfg.set, *extra_sets)  # overrides every job gets first: the common budget
+        self.data = dvc_data_hashes(cfg.inputs, workdir / "dvc.lock")
+        self.keys = {job.name: job_key(job, self.shared, self.params, self.data)
+                     for job in jobs(cfg, self.variants)}
         self.tracking = TrackingConfig(uri=resolve_uri(tracking, root=workdir), experiment=cfg.experiment,
                                        registered_model="", system_metrics=False)
         setup(self.tracking, root=workdir)
         self.client = mlflow.MlflowClient(self.tracking.uri)
         self.experiment_id = self.client.get_experiment_by_name(cfg.experiment).experiment_id
         self.out = workdir / cfg.out_dir
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.parent = self.client.create_run(self.experiment_id, run_name=f"ablation-{time.strftime('%Y%m%d-%H%M%S')}",
-                                             tags={"groupvit.ablation": "parent", "git_commit": git_commit(workdir)})
-        self.parent_id = self.parent.info.run_id
-        self.client.log_param(self.parent_id, "mode", cfg.mode)
-        self.client.log_param(self.parent_id, "variants", len(self.variants))
-        self.client.log_param(self.parent_id, "shared_overrides", json.dumps([*cfg.set, *extra_sets])[:6000])
-        self.client.log_dict(self.parent_id, {v.name: {"axes": v.axes, "overrides": list(v.overrides)}
-                                              for v in self.variants}, "grid.json")
+        self.parent_id = self._open_parent(fresh)
+
+    # ---- the parent run ------------------------------------------------------------------------------------
+    def _open_parent(self, fresh: bool) -> str:
+        """The study's parent run: the latest one of `ablate.study` (resumed), or a new one."""
+        found = [] if fresh else self.client.search_runs(
+            [self.experiment_id], f"tags.`{KIND_TAG}` = 'parent' and tags.`{PARENT_TAG}` = '{self.cfg.study}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            parent_id = found[0].info.run_id
+            self.client.update_run(parent_id, status="RUNNING")
+        else:
+            parent_id = self.client.create_run(self.experiment_id, run_name=f"ablation/{self.cfg.study}",
+                                               tags={KIND_TAG: "parent", PARENT_TAG: self.cfg.study}).info.run_id
+        self.client.set_tag(parent_id, "git_commit", git_commit(self.workdir))
+        plan_json = {v.name: {"base": v.base, "axes": v.axes, "changed": list(v.changed),
+                              "overrides": list(v.overrides)} for v in self.variants}
+        self.client.log_dict(parent_id, {"shared": list(self.shared), "seeds": list(self.cfg.seeds),
+                                         "variants": plan_json}, "plan.json")
+        return parent_id
 
     @classmethod
     @contextlib.contextmanager
     def session(cls, *args: Any, **kwargs: Any) -> Iterator[AblationRunner]:
-        """`with AblationRunner.session(...) as runner:` (constructor arguments); the parent run ends FAILED if the
-        body raises, FINISHED otherwise."""
+        """`with AblationRunner.session(...) as runner:`; the parent run ends FAILED (resumable) if the body raises,
+        FINISHED otherwise."""
         runner = cls(*args, **kwargs)
         try:
             yield runner
@@ -191,28 +237,40 @@ class AblationRunner:
             runner.client.set_terminated(runner.parent_id, "FINISHED")
 
     @classmethod
-    def open(cls, workdir: Path,
-             params_file: str = "params.yaml") -> contextlib.AbstractContextManager[AblationRunner]:
+    def open(cls, workdir: Path, params_file: str = "params.yaml") -> contextlib.AbstractContextManager[Any]:
         """A session with the `ablate` and `tracking` sections of `workdir/params_file`."""
         params = workdir / params_file
         return cls.session(workdir, params_file, load_section(AblationConfig, params, "ablate"),
                            load_section(TrackingConfig, params, "tracking", required=False))
 
-    def _command(self, stage: str, variant: Variant) -> list[str]:
-        sets = [*self.cfg.set, *self.extra_sets, *variant.overrides, f"tracking.uri={self.tracking.uri}",
-                f"tracking.experiment={self.cfg.experiment}", "tracking.registered_model=",
-                "tracking.system_metrics=false"]
-        return ["groupvit", stage, "--params", "params.yaml", *(a for s in sets for a in ("--set", s))]
+    # ---- one job ---------------------------------------------------------------------------------------------
+    def children(self) -> list[Any]:
+        """Every child run of the parent (superseded ones too)."""
+        return self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                                       max_results=5000)
 
-    def _prepare(self, variant: Variant) -> Path:
-        """A variant folder that looks like the project to the stages: shared inputs linked, outputs its own.
+    def folder(self, job: Job) -> Path:
+        return self.out / job.variant.name / f"seed{job.seed}"
+
+    def done(self, job: Job, child: Any | None) -> bool:
+        """Finished before: its child run FINISHED with this key, and its folder holds this key and its metrics."""
+        folder = self.folder(job)
+        return (child is not None and child.info.status == "FINISHED" and (folder / KEY_FILE).is_file()
+                and (folder / KEY_FILE).read_text().strip() == self.keys[job.name]
+                and (folder / "metrics" / "evaluate.json").is_file())
+
+    def _prepare(self, job: Job, resume: bool) -> Path:
+        """A job folder that looks like the project to the stages: shared inputs linked, outputs its own.
 
         The stages write `data/train`, `data/model`, `metrics/`... relative to their working directory, so running
-        them inside `<out_dir>/<variant>/` keeps every variant's outputs apart without any stage knowing about it.
-        The folder is emptied first: each ablation trains every variant from scratch.
+        them inside the folder keeps every job's outputs apart without any stage knowing about it. A folder of
+        another key is emptied (never resume checkpoints of other settings); one of the same key is kept, so an
+        interrupted job's training continues from its checkpoints.
         """
-        folder = self.out / variant.name
-        if folder.exists():  # a fresh run: never resume an earlier ablation's checkpoints with other settings
+        folder = self.folder(job)
+        key_file = folder / KEY_FILE
+        if folder.exists() and not (resume and key_file.is_file() and key_file.read_text().strip()
+                                    == self.keys[job.name]):
             shutil.rmtree(folder)
         for rel in self.cfg.inputs:
             source, link = self.workdir / rel, folder / rel
@@ -223,54 +281,78 @@ class AblationRunner:
                 link.unlink()
             link.symlink_to(os.path.relpath(source, link.parent))
         shutil.copyfile(self.workdir / self.params_file, folder / "params.yaml")
+        atomic_write(key_file, self.keys[job.name] + "\n")
         return folder
 
-    def run_variant(self, variant: Variant, on_line: Callable[[str], None] = print) -> dict[str, Any]:
-        """Train and evaluate `variant` into `<out_dir>/<name>/` as a child run; failures are recorded, not raised."""
-        folder = self._prepare(variant)
-        child = self.client.create_run(self.experiment_id, run_name=variant.name,
-                                       tags={"mlflow.parentRunId": self.parent_id, "groupvit.ablation": "variant"})
+    def _command(self, stage: str, job: Job) -> list[str]:
+        sets = [*self.shared, *job.overrides, f"tracking.uri={self.tracking.uri}",
+                f"tracking.experiment={self.cfg.experiment}", "tracking.registered_model=",
+                "tracking.system_metrics=false"]
+        return ["groupvit", stage, "--params", "params.yaml", *(a for s in sets for a in ("--set", s))]
+
+    def run_job(self, job: Job, on_line: Callable[[str], None] = print) -> dict[str, Any]:
+        """Train and evaluate `job` in its folder as a child run, unless it finished before with the same key.
+
+        Failures are recorded in the child run and the result (status FAILED), not raised.
+        """
+        key = self.keys[job.name]
+        mine = [c for c in self.children() if c.data.tags.get(KEY_TAG) == key]
+        child = next((c for c in mine if c.info.status == "FINISHED"), mine[0] if mine else None)
+        if self.done(job, child):
+            on_line(f"[{job.name}] finished before (child run {child.info.run_id}): not rerun")
+            return {"name": job.name, "run_id": child.info.run_id, "status": "FINISHED", "reused": True}
+        resume = child is not None
+        if child is None:
+            child = self.client.create_run(self.experiment_id, run_name=job.name, tags={
+                "mlflow.parentRunId": self.parent_id, KIND_TAG: "job", KEY_TAG: key})
+            for k, v in {"base": job.variant.base, "variant": job.variant.name, "seed": job.seed,
+                         "changed": ",".join(job.variant.changed) or "(base)",
+                         **{f"axis.{a}": lab for a, lab in job.variant.axes.items()}}.items():
+                self.client.log_param(child.info.run_id, k, v)
         run_id = child.info.run_id
-        for axis, label in variant.axes.items():
-            self.client.log_param(run_id, f"axis.{axis}", label)
-        env = {**tool_env(), "MLFLOW_TRACKING_URI": self.tracking.uri}
+        self.client.update_run(run_id, status="RUNNING")
+        folder = self._prepare(job, resume)
+        env = {**tool_env(), "MLFLOW_TRACKING_URI": self.tracking.uri, "MLFLOW_RUN_ID": run_id}
         status, error = "FINISHED", ""
         for stage in ("train", "evaluate"):
-            env["MLFLOW_RUN_ID"] = run_id  # the stage's own mlflow.start_run resumes the child run
-            on_line(f"[{variant.name}] {stage}: " + " ".join(self._command(stage, variant)))
-            result = run_streaming(self._command(stage, variant), folder,
-                                   lambda line: on_line(f"[{variant.name}] {line}"), env=env)
+            on_line(f"[{job.name}] {stage}: " + " ".join(self._command(stage, job)))
+            result = run_streaming(self._command(stage, job), folder, lambda line: on_line(f"[{job.name}] {line}"),
+                                   env=env)
             if result.returncode != 0:
                 status, error = "FAILED", f"{stage} exited with {result.returncode}: {result.tail[-1500:]}"
                 break
-        metrics = _read_metrics(folder / "metrics") if status == "FINISHED" else {}
-        # The stages log their own figures into the child run (losses per step, every mIoU); add the ranking
-        # metric under one short name so the compare view and the parent's chart line the variants up.
-        ranking = metric_value(metrics, self.cfg.metric)
-        if ranking is not None:
-            self.client.log_metric(run_id, "miou", ranking)
         if error:
             self.client.set_tag(run_id, "error", error[:5000])
-        self.client.update_run(run_id, status=status, name=variant.name)
-        return {"name": variant.name, "axes": variant.axes, "run_id": run_id, "status": status,
-                "metrics": metrics, "error": error}
+        self.client.update_run(run_id, status=status, name=job.name)
+        return {"name": job.name, "run_id": run_id, "status": status, "reused": False, "error": error}
+
+    def supersede_stale(self) -> list[str]:
+        """Tag the children whose key is no longer any job's of the study (an override, the budget or the data
+        changed, or the variant left the study): kept for the record, left out of the report."""
+        current = set(self.keys.values())
+        stale = [c for c in self.children() if c.data.tags.get(KEY_TAG) not in current
+                 and c.data.tags.get("groupvit.superseded") != "true"]
+        for c in stale:
+            self.client.set_tag(c.info.run_id, "groupvit.superseded", "true")
+        return [c.info.run_name for c in stale]
 
     def finish(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write and log the comparison table (markdown) and chart (PNG) to the parent run."""
-        metric = self.cfg.metric
-        markdown = f"# Ablation {self.parent.info.run_name}\n\n" + markdown_table(results, metric)
-        table = self.out / "table.md"
-        atomic_write(table, markdown)
-        png = chart(results, metric, self.out / "chart.png")
-        self.client.log_artifact(self.parent_id, str(table))
-        self.client.log_artifact(self.parent_id, str(png))
-        best = max(results, key=lambda r: metric_value(r["metrics"], metric) or -1.0)
-        if metric_value(best["metrics"], metric) is not None:
-            self.client.log_metric(self.parent_id, "best_miou", metric_value(best["metrics"], metric))
-            self.client.set_tag(self.parent_id, "best_variant", best["name"])
+        """The report of the whole study (every current child, also those of earlier sessions) on the parent."""
+        from mlflow.entities import Metric
+
+        from pipelines.ablation_report import study_report
+
+        self.supersede_stale()
+        report = study_report(self.client, self.parent_id, self.out)
+        for path in report["files"]:
+            self.client.log_artifact(self.parent_id, str(path))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in report["parent_metrics"].items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.parent_id, metrics=metrics[i:i + 1000])
         failed = [r["name"] for r in results if r["status"] != "FINISHED"]
         if failed:
-            self.client.set_tag(self.parent_id, "failed_variants", ",".join(failed))
-        return {"parent_run_id": self.parent_id, "experiment_id": self.experiment_id, "markdown": markdown,
-                "table": str(table), "chart": str(png), "failed": failed,
-                "results": [{k: r[k] for k in ("name", "run_id", "status")} for r in results]}
+            self.client.set_tag(self.parent_id, "failed_jobs", ",".join(failed)[:5000])
+        return {"parent_run_id": self.parent_id, "experiment_id": self.experiment_id, "markdown": report["markdown"],
+                "files": [str(p) for p in report["files"]], "failed": failed,
+                "results": [{k: r[k] for k in ("name", "run_id", "status", "reused")} for r in results]}

@@ -31,18 +31,21 @@ class OrchestrationConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """The `ablate:` section of params.yaml."""
+    """The `ablate:` section of params.yaml (`groupvit ablate`, the Prefect `ablation` flow; pipelines/ablation.py)."""
 
     experiment: str = param("groupvit-ablation", help="MLflow experiment of the parent and child runs")
+    study: str = param("default", help="name of the study: a rerun continues the latest parent run of this name")
+    seeds: tuple[int, ...] = param((0,), ge=0, help="every variant runs once per seed (the replicates)")
     mode: str = param("one_at_a_time", choices=("one_at_a_time", "grid"),
-                      help="one_at_a_time: baseline + one axis changed at a time (the paper's tables); grid: all")
-    axes: Any = param(None, help="axis name -> {value label: override or list of overrides}; first value = baseline")
-    set: tuple[str, ...] = param((), help="overrides applied to every variant (the shared budget)")
-    out_dir: str = param("data/ablation", help="variant outputs, table.md and chart.png")
+                      help="one_at_a_time: each base, then one axis changed at a time (the paper's tables); grid: all")
+    bases: Any = param(None, help="base name -> overrides, or {set: overrides, axes: [axes varied from it]}; "
+                                  "null = one base, params.yaml as it is")
+    axes: Any = param(None, help="axis name -> {value label: override or list of overrides}")
+    set: tuple[str, ...] = param((), help="overrides applied to every job first (the shared budget)")
+    out_dir: str = param("data/ablation", help="job folders <base>/<variant>/seed<k>, table.md and chart.png")
     inputs: tuple[str, ...] = param(("data/synth", "data/shards", "data/nouns"),
-                                    help="pipeline outputs every variant reads (linked into its folder)")
-    metric: str = param("evaluate.json:synth_test.groupvit.miou",
-                        help="`<metrics file>:<dotted key>` the table and chart rank by")
+                                    help="pipeline outputs every job reads (linked into its folder)")
+    rank_by: str = param("miou_test", help="child-run metric the report, chart and compare view rank by")
 
 
 def _sections() -> dict[str, type]:

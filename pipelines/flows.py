@@ -206,24 +206,23 @@ def retrain(workdir: str = ".", params_file: str = "params.yaml", promote_model:
     return {"stages": reports, "promotion": decision, "commit": commit}
 
 
-@task(name="ablation-variant", task_run_name="variant {variant.name}", cache_policy=NO_CACHE)
-def run_variant(runner: ablation_lib.AblationRunner, variant: ablation_lib.Variant) -> dict[str, Any]:
-    """Train and evaluate one ablation variant into its own folder, logged as an MLflow child run."""
+@task(name="ablation-job", task_run_name="job {job.name}", cache_policy=NO_CACHE)
+def run_job(runner: ablation_lib.AblationRunner, job: ablation_lib.Job) -> dict[str, Any]:
+    """Train and evaluate one variant at one seed in its own folder, logged as an MLflow child run (skipped when it
+    finished before with the same key)."""
     logger = get_run_logger()
-    result = runner.run_variant(variant, on_line=logger.info)
-    create_markdown_artifact(key=_key("ablation", variant.name), markdown=ablation_lib.markdown_table([result]),
-                             description=f"ablation variant {variant.name}")
-    return result
+    return runner.run_job(job, on_line=logger.info)
 
 
 @flow(name="ablation", log_prints=True)
 def ablation(workdir: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
-    """The paper's ablation grid (`ablate:` in params.yaml): one MLflow parent run, one child run per variant."""
+    """The ablation study (`ablate:` in params.yaml): one MLflow parent run, one child run per variant and seed;
+    a rerun continues the study."""
     wd = Path(workdir).resolve()
     cfg = _config(wd, params_file)
     with _workspace(wd, cfg):
         with ablation_lib.AblationRunner.open(wd, params_file) as runner:
-            results = [run_variant(runner, v) for v in runner.variants]
+            results = [run_job(runner, j) for j in runner.jobs]
             summary = runner.finish(results)
     create_markdown_artifact(key="ablation-summary", markdown=summary["markdown"],
                              description=f"MLflow parent run {summary['parent_run_id']}")

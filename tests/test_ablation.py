@@ -10,108 +10,189 @@ from _orchestration import ROOT, built_project_repo  # noqa: I001 (sets PREFECT_
 
 from groupvit.config import build, load_section
 from groupvit.errors import ConfigError
-from pipelines.ablation import markdown_table, plan
+from pipelines.ablation import job_key, jobs, plan
+from pipelines.ablation_report import collect, markdown, verdicts
 from pipelines.config import AblationConfig
 from pipelines.stages import ablate as ablate_stage
 
 AXES = {
-    "group_tokens": {"16-4": "model.num_group_tokens=[16,4,0]", "32-8": "model.num_group_tokens=[32,8,0]"},
-    "assignment": {"hard": "model.hard_assignment=true", "soft": ["model.hard_assignment=false"]},
-    "stages": {"2-stage": [], "1-stage": ["model.depths=[4,1]", "model.num_group_tokens=[16,0]"]},
+    "group_tokens": {"16": ["model.num_group_tokens=[16,0]", "model.num_output_groups=[16]"],
+                     "8": ["model.num_group_tokens=[8,0]", "model.num_output_groups=[8]"]},
+    "assignment": {"soft": "model.hard_assignment=false", "hard": ["model.hard_assignment=true"]},
+    "stages": {"1-stage": ["model.depths=[3,2]", "model.num_group_tokens=[16,0]", "model.num_output_groups=[16]"],
+               "2-stage": ["model.depths=[2,2,1]", "model.num_group_tokens=[16,4,0]",
+                           "model.num_output_groups=[16,4]"]},
 }
+PAPER = ["model.depths=[2,2,1]", "model.num_group_tokens=[16,4,0]", "model.num_output_groups=[16,4]",
+         "model.hard_assignment=true"]
+# what params.yaml holds before any override (the one-stage soft default of this world)
+PARAMS = {"base": {"seed": 0}, "model": {"depths": [3, 2], "num_group_tokens": [16, 0], "num_output_groups": [16],
+                                         "hard_assignment": False}, "train": {"steps": 0}, "prefect": {"retries": 1}}
 
 
 def config(**kw) -> AblationConfig:
     return build(AblationConfig, {"axes": AXES, **kw}, "params.yaml: ablate")
 
 
-def test_one_at_a_time_changes_one_axis_from_the_baseline():
-    variants = plan(config())
-    assert [v.name for v in variants] == ["baseline", "group-tokens-32-8", "assignment-soft", "stages-1-stage"]
-    assert variants[0].axes == {"group_tokens": "16-4", "assignment": "hard", "stages": "2-stage"}
-    assert variants[2].overrides == ("model.num_group_tokens=[16,4,0]", "model.hard_assignment=false")
-    # Later axes win on shared keys: the 1-stage variant's group tokens replace the baseline's.
-    assert variants[3].overrides[-1] == "model.num_group_tokens=[16,0]"
+def test_one_at_a_time_varies_each_axis_from_each_base_once():
+    variants = plan(config(bases={"this-world": [], "paper": {"set": PAPER, "axes": ["assignment", "stages"]}}),
+                    PARAMS)
+    assert [v.name for v in variants] == [
+        "this-world/baseline", "this-world/group_tokens-8", "this-world/assignment-hard", "this-world/stages-2-stage",
+        "paper/baseline", "paper/assignment-soft", "paper/stages-1-stage"]
+    # a label whose overrides leave the base as it is is the base's own value, not a variant
+    assert variants[0].axes == {"group_tokens": "16", "assignment": "soft", "stages": "1-stage"}
+    assert variants[4].axes == {"group_tokens": "base", "assignment": "hard", "stages": "2-stage"}
+    assert variants[5].changed == ("assignment",) and variants[5].overrides == (*PAPER, "model.hard_assignment=false")
+    assert variants[0].overrides == () and variants[4].changed == ()
 
 
-def test_a_changed_axis_wins_over_later_axes_baselines_on_shared_keys():
-    axes = {"method": {"ours": [], "reference": ["model.hard_assignment=true", "model.num_group_tokens=[16,4,0]"]},
-            "group_tokens": {"8": "model.num_group_tokens=[8,0]", "16": "model.num_group_tokens=[16,0]"}}
-    reference = plan(build(AblationConfig, {"axes": axes}, "params.yaml: ablate"))[1]
-    assert reference.name == "method-reference"
-    assert reference.overrides == ("model.num_group_tokens=[8,0]", "model.hard_assignment=true",
-                                   "model.num_group_tokens=[16,4,0]")  # applied in order: the recipe's value is last
+def test_grid_is_the_product_of_the_labels_that_change_the_base():
+    variants = plan(config(mode="grid"), PARAMS)
+    # 2 x 2 x 2 points, but the 2-stage recipe sets its own group tokens: with 8 or 16 it is the same model, run once
+    assert [v.name for v in variants] == [
+        "this-world/baseline", "this-world/stages-2-stage", "this-world/assignment-hard",
+        "this-world/assignment-hard_stages-2-stage", "this-world/group_tokens-8",
+        "this-world/group_tokens-8_assignment-hard"]
 
 
-def test_grid_is_the_cartesian_product():
-    variants = plan(config(mode="grid"))
-    assert len(variants) == 8 and len({v.name for v in variants}) == 8
-    assert variants[-1].axes == {"group_tokens": "32-8", "assignment": "soft", "stages": "1-stage"}
-    assert variants[-1].name == "group-tokens-32-8-assignment-soft-stages-1-stage"
+def test_jobs_are_seed_major_so_a_study_stopped_early_has_every_variant_once():
+    cfg = config(seeds=[0, 1])
+    names = [j.name for j in jobs(cfg, plan(cfg, PARAMS))]
+    assert names[:4] == ["this-world/baseline/seed0", "this-world/group_tokens-8/seed0",
+                         "this-world/assignment-hard/seed0", "this-world/stages-2-stage/seed0"]
+    assert names[4] == "this-world/baseline/seed1" and len(names) == 8
 
 
-@pytest.mark.parametrize("axes, message", [
-    (None, "expected a mapping of axis name"),
-    ({"a": ["x=1"]}, "ablate.axes.a: expected a mapping of value label"),
-    ({"a": {"on": "not an override"}}, "ablate.axes.a.on: expected 'section.key=value'"),
+def test_a_jobs_key_follows_what_decides_its_result_and_nothing_else():
+    cfg = config(seeds=[0, 1])
+    a, b = jobs(cfg, plan(cfg, PARAMS))[:2]
+    data = {"data/shards": "abc"}
+    key = job_key(a, (), PARAMS, data)
+    assert key == job_key(a, (), {**PARAMS, "prefect": {"retries": 5}}, data)  # orchestration: same result
+    assert key != job_key(a, ("train.steps=50",), PARAMS, data)  # the budget
+    assert key != job_key(a, (), PARAMS, {"data/shards": "abd"})  # the data
+    assert key != job_key(jobs(cfg, plan(cfg, PARAMS))[4], (), PARAMS, data)  # the seed
+    assert key != job_key(b, (), PARAMS, data)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"axes": None}, "expected a mapping of axis name"),
+    ({"axes": {"a": ["x=1"]}}, "ablate.axes.a: expected a mapping of value label"),
+    ({"axes": {"a": {"on": "not an override"}}}, "ablate.axes.a.on: expected 'section.key=value'"),
+    ({"axes": AXES, "bases": {"p": {"set": [], "axes": ["nope"]}}}, "ablate.bases.p.axes: expected a list of axes"),
+    ({"axes": AXES, "bases": {"p": {"sett": []}}}, "ablate.bases.p.sett: unknown key"),
 ])
-def test_bad_axes_are_named_in_the_error(axes, message):
+def test_bad_axes_and_bases_are_named_in_the_error(section, message):
     with pytest.raises(ConfigError, match=message):
-        plan(build(AblationConfig, {"axes": axes}, "params.yaml: ablate"))
+        plan(build(AblationConfig, section, "params.yaml: ablate"), PARAMS)
 
 
-def test_markdown_table_lines_up_axes_metric_and_losses():
-    results = [{"name": "baseline", "axes": {"assignment": "hard"}, "status": "FINISHED",
-                "metrics": {"evaluate.json:m": 41.5, "train.json:final_loss": 2.0}},
-               {"name": "assignment-soft", "axes": {"assignment": "soft"}, "status": "FAILED", "metrics": {}}]
-    table = markdown_table(results, "evaluate.json:m").splitlines()
-    assert table[0] == "| variant | assignment | evaluate.json:m | train.json:final_loss | status |"
-    assert table[2] == "| baseline | hard | 41.5000 | 2.0000 | FINISHED |"
-    assert table[3] == "| assignment-soft | soft | - | - | FAILED |"
+def _run(name, variant, seed, miou, changed="(base)", base="this-world", **axes):
+    from types import SimpleNamespace
+
+    params = {"variant": variant, "seed": str(seed), "base": base, "changed": changed,
+              **{f"axis.{k}": v for k, v in axes.items()}}
+    return SimpleNamespace(info=SimpleNamespace(status="FINISHED", start_time=seed * 1000 + len(variant),
+                                                end_time=seed * 1000 + len(variant) + 300_000, run_name=name),
+                           data=SimpleNamespace(params=params, tags={}, metrics={"miou_test": miou,
+                                                                                 "final/steps": 625.0}))
 
 
-def test_cli_lists_the_variants_of_the_project_params(capsys):
+def test_the_report_gives_mean_spread_seeds_and_the_papers_direction():
+    runs = [_run(f"b{s}", "this-world/baseline", s, m, assignment="soft") for s, m in enumerate([60.0, 64.0, 62.0])]
+    runs += [_run(f"h{s}", "this-world/assignment-hard", s, m, "assignment", assignment="hard")
+             for s, m in enumerate([50.0, 52.0, 54.0])]
+    stats = collect(runs, ["this-world/baseline", "this-world/assignment-hard"])
+    assert [s.name for s in stats] == ["this-world/baseline", "this-world/assignment-hard"]
+    assert stats[0].mean("miou_test") == 62.0 and stats[0].std("miou_test") == 2.0
+    text = markdown(stats, "miou_test", "Budget.", "Time.")
+    assert "| baseline | 62.00 ± 2.00 | 60.0 / 64.0 / 62.0 | - |" in text
+    assert "| assignment-hard | 52.00 ± 2.00 | 50.0 / 52.0 / 54.0 | -10.00 |" in text and "| better |" in text
+    verdict = verdicts(stats, "miou_test")
+    assert len(verdict) == 1 and "the opposite of the paper" in verdict[0] and "-10.00" in verdict[0]
+
+
+def test_the_cli_lists_the_variants_of_the_project_params(capsys):
     params = str(ROOT / "params.yaml")
     assert ablate_stage.main(["--params", params, "--list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    expected = plan(load_section(AblationConfig, params, "ablate"))
-    assert [line.split()[0] for line in out] == [v.name for v in expected] and out[0].startswith("baseline ")
+    expected = plan(load_section(AblationConfig, params, "ablate"), yaml.safe_load(open(params)))
+    assert [line.split()[0] for line in out[:-1]] == [v.name for v in expected]
+    assert out[0].startswith("this-world/baseline ") and out[-1].endswith(f"= {3 * len(expected)} jobs")
     assert ablate_stage.main(["--params", params, "--list", "--only", "nope"]) == 2
 
 
 @pytest.mark.slow
-def test_ablation_flow_logs_one_parent_with_a_child_per_variant(tmp_path):
+def test_a_study_resumes_after_an_interruption_and_reruns_only_what_changed(tmp_path):
+    """Two variants x two seeds of the real stages on the tiny project: interrupted after two jobs, continued by the
+    Prefect `ablation` flow (the two finished jobs are not rerun), then a changed override reruns only its variant;
+    `--report` writes the report from the MLflow runs alone."""
     import mlflow
     from prefect.testing.utilities import prefect_test_harness
 
+    from pipelines.ablation import AblationRunner
     from pipelines.flows import ablation
 
     repo = built_project_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["ablate"]["axes"] = {"assignment": {"hard": "model.hard_assignment=true",
-                                               "soft": "model.hard_assignment=false"}}
+    params["ablate"].update(seeds=[0, 1], bases={"this-world": []}, axes={
+        "assignment": {"soft": "model.hard_assignment=false", "hard": "model.hard_assignment=true"}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+    def children() -> dict[str, list]:
+        exp = client.get_experiment_by_name("groupvit-ablation")
+        found: dict[str, list] = {}
+        for run in client.search_runs([exp.experiment_id], "tags.`groupvit.ablation` = 'job'"):
+            found.setdefault(run.info.run_name, []).append(run)
+        return found
+
+    with pytest.raises(KeyboardInterrupt):  # a study stopped after its first two jobs (seed 0 of each variant)
+        with AblationRunner.open(repo) as runner:
+            assert [j.name for j in runner.jobs] == ["this-world/baseline/seed0", "this-world/assignment-hard/seed0",
+                                                     "this-world/baseline/seed1", "this-world/assignment-hard/seed1"]
+            first = [runner.run_job(j) for j in runner.jobs[:2]]
+            raise KeyboardInterrupt
+    assert [r["status"] for r in first] == ["FINISHED", "FINISHED"]
+    parent_id = runner.parent_id
+    assert client.get_run(parent_id).info.status == "FAILED"
+
     with prefect_test_harness(server_startup_timeout=120):
         state = ablation(workdir=str(repo), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    assert summary["failed"] == []
-
-    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("groupvit-ablation")
-    parent = client.get_run(summary["parent_run_id"])
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["assignment-soft", "baseline"]
-    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
-    for child in children:
-        folder = repo / "data/ablation" / child.info.run_name
-        expected = json.loads((folder / "metrics/evaluate.json").read_text())["synth_test"]["groupvit"]["miou"]
-        assert child.data.params["axis.assignment"] == {"baseline": "hard"}.get(child.info.run_name, "soft")
-        assert child.data.metrics["miou"] == pytest.approx(expected)
-        assert len(client.get_metric_history(child.info.run_id, "loss")) == 2  # logged per step by the train stage
-        assert (folder / "data/model/model.safetensors").is_file()
-    assert len(client.search_model_versions("name='groupvit'")) == 1  # the pipeline's model; variants never register
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"table.md", "chart.png", "grid.json"}
+    assert summary["parent_run_id"] == parent_id and summary["failed"] == []  # the same study, continued
+    assert [r["reused"] for r in summary["results"]] == [True, True, False, False]
+    runs = children()
+    assert sorted(runs) == ["this-world/assignment-hard/seed0", "this-world/assignment-hard/seed1",
+                            "this-world/baseline/seed0", "this-world/baseline/seed1"]
+    assert all(len(v) == 1 for v in runs.values())  # nothing ran twice
+    assert {r["run_id"] for r in first} <= {v[0].info.run_id for v in runs.values()}
+    child = runs["this-world/assignment-hard/seed1"][0]
+    folder = repo / "data/ablation/this-world/assignment-hard/seed1"
+    expected = json.loads((folder / "metrics/evaluate.json").read_text())["synth_test"]["groupvit"]["miou"]
+    assert child.data.metrics["miou_test"] == pytest.approx(expected) and "group_oracle" in child.data.metrics
+    assert child.data.params["axis.assignment"] == "hard" and child.data.params["seed"] == "1"
+    assert len(client.get_metric_history(child.info.run_id, "loss")) == 2  # logged per step by the train stage
     table = (repo / "data/ablation/table.md").read_text()
-    assert "| baseline | hard |" in table and "| assignment-soft | soft |" in table
-    assert (repo / "data/ablation/chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| baseline |" in table and "| assignment-hard |" in table and " ± " in table
+    assert {a.path for a in client.list_artifacts(parent_id)} >= {"table.md", "chart.png", "report.json", "plan.json"}
+    assert client.get_run(parent_id).data.metrics["miou_test_mean/this-world/baseline"] == pytest.approx(
+        sum(r[0].data.metrics["miou_test"] for n, r in runs.items() if "baseline" in n) / 2)
+    baseline_runs = {runs[f"this-world/baseline/seed{s}"][0].info.run_id for s in (0, 1)}
+
+    params["ablate"]["axes"]["assignment"]["hard"] = ["model.hard_assignment=true", "train.lr=0.002"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ablate_stage.main(["--params", str(repo / "params.yaml")]) == 0
+    runs = children()
+    assert {r.info.run_id for n, v in runs.items() if "baseline" in n for r in v} == baseline_runs  # not rerun
+    hard = runs["this-world/assignment-hard/seed0"]
+    assert len(hard) == 2 and sorted(r.data.tags.get("groupvit.superseded", "") for r in hard) == ["", "true"]
+
+    report = tmp_path / "ablations.md"
+    assert ablate_stage.main(["--params", str(repo / "params.yaml"), "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "Generated by `groupvit ablate --report" in text and "4 jobs (2 variants)" in text
+    assert report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert len(client.search_model_versions("name='groupvit'")) == 1  # the pipeline's model; jobs never register
