@@ -6,7 +6,9 @@ Variants run side by side in one process, so ratios are meaningful on a shared m
 - the released GroupViT-S architecture (random weights) at the reference setting: short side 448, sliding window 448
   / stride 224, on 500 x 375 images (PASCAL VOC size).
 
-    .venv/bin/python benchmarks/eval_throughput.py [--images 96] [--voc-images 4] [--threads 2]
+    .venv/bin/python benchmarks/eval_throughput.py [--images 96] [--voc-images 4] [--threads 2] [--quick]
+
+Figures: benchmarks/results/eval_throughput.json (`benchmarks/_results.py`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import Run, parse_args
 from PIL import Image
 
 from groupvit.evaluation.datasets import SegmentationDataset
@@ -57,12 +60,16 @@ def run(name: str, model: GroupViT, ds: SegmentationDataset, settings: Segmentat
     return rate
 
 
+QUICK = {"images": 32, "voc_images": 0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=96, help="synthetic 64 px images")
     p.add_argument("--voc-images", type=int, default=4, help="500 x 375 images for the reference setting")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    args = parse_args(p, QUICK)
+    record = Run("eval_throughput", args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="eval_bench_"))
@@ -84,13 +91,19 @@ def main() -> None:
         "short side 128": run("tiny GroupViT, whole 128 px (2x upscale)", tiny, synth,
                               SegmentationSettings(mode="whole", short_side=128), 32),
     }
+    rows = [{"variant": "tiny GroupViT, whole 64 px, batch 32, hard maps, fp32 (default)", "images_per_s": base,
+             "vs_default": 1.0}]
     for k, v in rates.items():
         print(f"  {k:<30} {v / base:5.2f}x the tiny GroupViT default")
+        rows.append({"variant": k, "images_per_s": v, "vs_default": v / base})
     if args.voc_images:
         voc = SegmentationDataset(make_voc_like(tmp / "voc", args.voc_images), "voc")
         released = GroupViT(ModelConfig(preset="gcc_yfcc")).eval()
-        run("GroupViT-S (released arch.), slide 448/224, 500x375, fp32", released, voc, SegmentationSettings(), 1)
-        run("GroupViT-S (released arch.), slide 448/224, bf16", released, voc, SegmentationSettings(), 1, bf16=True)
+        for name, bf16 in (("GroupViT-S (released arch.), slide 448/224, 500x375, fp32", False),
+                           ("GroupViT-S (released arch.), slide 448/224, bf16", True)):
+            rows.append({"variant": name, "images_per_s": run(name, released, voc, SegmentationSettings(), 1,
+                                                              bf16=bf16)})
+    record.write(rows)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 #
 # 1. The training loop on the released architecture (gcc_yfcc, batch 256 per GPU like the reference) and the tiny
 #    preset: 100 burn-in + 100 timed steps each, one process per GPU under torchrun (NCCL process group checked with
-#    an all_reduce), bf16 autocast, fused AdamW; in-memory batches, so the loader is not measured.
+#    an all_reduce), bf16 autocast, fused AdamW; in-memory batches, so the loader is not measured. Its figures go to
+#    benchmarks/results/train_throughput_cuda.json (shown by docs/benchmarks.md after `make docs`).
 # 2. The `groupvit train` stage end to end on CUDA: 2048 synthetic 64 px scenes written as webdataset shards, the real
 #    loader (4 workers), 300 steps of the tiny preset under torchrun/NCCL, checkpoints, final model, MLflow (sqlite in
 #    a temporary folder); prints its images/s and MFU from metrics/train.json.

@@ -1,7 +1,7 @@
 """Images/s per loader worker of `make_train_loader`, for the augmentation and prompt variants, side by side.
 
     .venv/bin/python benchmarks/loader_throughput.py [--shards data/shards --nouns data/nouns] [--size 64]
-        [--source-size 64] [--images 1500] [--batch 64] [--rounds 3]
+        [--source-size 64] [--images 1500] [--batch 64] [--rounds 3] [--quick]
 
 Without `--shards`, it writes temporary shards of random-texture JPEGs at `--source-size` (64 = the embedded world;
 try 256 for CC3M-like shards, whose images img2dataset stores at up to 512 px) with captions of ~10 words and three
@@ -9,6 +9,7 @@ nouns each. Each variant runs the whole pipeline (tar read, decode, augmentation
 texts, collation) in this process (`num_workers=0`), so its rate is what one loader worker delivers; a training rank
 with W workers gets about W times that while cores last. Compare with what training consumes (printed by the train
 stage; e.g. ≈700 img/s for the tiny model on 2 CPU cores, ≈311 img/s per V100 for the reference GroupViT-S).
+Figures: benchmarks/results/loader_throughput.json (`benchmarks/_results.py`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from _results import Run, parse_args
 from PIL import Image
 
 from groupvit.data.config import DataConfig
@@ -64,6 +66,9 @@ def rate(shards: Path, nouns: Path, cfg: DataConfig, batch: int, images: int, wo
     return seen / (time.perf_counter() - start), seen / max(time.process_time() - cpu, 1e-9)
 
 
+QUICK = {"images": 128, "batch": 32, "rounds": 1}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", default="")
@@ -73,7 +78,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1500, help="images timed per variant")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = parse_args(ap, QUICK)
+    record = Run("loader_throughput", args)
     torch.set_num_threads(1)  # as in a DataLoader worker (num_workers=0 runs the pipeline in this process)
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
@@ -95,10 +101,15 @@ def main() -> None:
                 wall, cpu = rate(shards, nouns, cfg, args.batch, args.images)
                 best[name] = (max(best[name][0], wall), max(best[name][1], cpu))
         first = next(iter(best.values()))[1]
+        rows = []
         for name, (wall, cpu) in best.items():
             print(f"  {name:<52} {wall:7,.0f} img/s per worker, {cpu:7,.0f} per CPU-second  ({cpu / first:.2f}x)")
+            rows.append({"variant": name, "images_per_s_per_worker": wall, "images_per_cpu_s": cpu,
+                         "vs_first_per_cpu_s": cpu / first})
         wall, _ = rate(shards, nouns, base, args.batch, args.images * 2, workers=2)
         print(f"  {'K=3 prompts, 2 worker processes (whole loader)':<52} {wall:7,.0f} img/s")
+        rows.append({"variant": "K=3 prompts, 2 worker processes (whole loader)", "images_per_s": wall})
+    record.write(rows)
 
 
 if __name__ == "__main__":

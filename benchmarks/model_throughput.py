@@ -16,6 +16,9 @@ for both models.
 
     .venv/bin/python benchmarks/model_throughput.py --preset tiny --batch 256
     .venv/bin/python benchmarks/model_throughput.py --preset gcc_yfcc --batch 16 --rounds 6
+    .venv/bin/python benchmarks/model_throughput.py --quick     # tiny, batch 16, 2 rounds: checks the script
+
+Figures: benchmarks/results/model_throughput_<preset>.json (`benchmarks/_results.py`).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _results import Run, parse_args
 
 from groupvit.losses import GroupViTLoss
 from groupvit.model import GroupViT, ModelConfig, autocast, compile_model, flops_per_sample
@@ -148,6 +152,9 @@ def peak_memory(variant: str, args: argparse.Namespace) -> dict:
     return {"peak_rss_mib": peak, "increment_mib": peak - base}
 
 
+QUICK = {"preset": "tiny", "batch": 16, "rounds": 2, "warmup": 1}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny", choices=("tiny", "gcc_yfcc"))
@@ -163,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
-    args = p.parse_args(argv)
+    args = parse_args(p, QUICK, argv)
     torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(peak_memory(args.memory_worker, args)))
         return 0
+    record = Run(f"model_throughput_{args.preset}", args)
 
     variants = args.variants.split(",")
     peak = matmul_peak(args.precision)
@@ -207,15 +215,20 @@ def main(argv: list[str] | None = None) -> int:
                 r.update(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{v:14s} peak RSS {r.get('peak_rss_mib', float('nan')):7.0f} MiB "
                   f"(+{r.get('increment_mib', float('nan')):.0f} over the process before the model)", flush=True)
+    figures = {"matmul_peak_gflops": peak / 1e9}
     for mine, theirs in (("ours/caption", "hf/caption"), ("ours/caption", "hf-trim/caption"),
                          ("ours/infer", "hf/infer")):
         if mine in results and theirs in results:
             a, b = results[mine], results[theirs]
             mem = ""
+            figures[f"speed {mine} / {theirs}"] = a["images_per_s"] / b["images_per_s"]
             if "peak_rss_mib" in a and "peak_rss_mib" in b:
                 mem = (f", peak memory {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x "
                        f"(increment {a['increment_mib'] / b['increment_mib']:.2f}x)")
+                figures[f"peak memory {mine} / {theirs}"] = a["peak_rss_mib"] / b["peak_rss_mib"]
+                figures[f"memory increment {mine} / {theirs}"] = a["increment_mib"] / b["increment_mib"]
             print(f"{mine} vs {theirs}: speed {a['images_per_s'] / b['images_per_s']:.2f}x{mem}")
+    record.write([{"variant": v, **r} for v, r in results.items()], figures)
     return 0
 
 

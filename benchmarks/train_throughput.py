@@ -12,6 +12,10 @@ GPUs the dense bf16/fp16 tensor-core peak of the card times the processes (`--pe
 
     .venv/bin/python benchmarks/train_throughput.py [--configs tiny gcc_yfcc] [--nprocs 1 2] [--steps 5]
         [--batch tiny=32 gcc_yfcc=4] [--device cpu|cuda] [--precision bf16|fp32|fp16] [--threads N] [--torchrun]
+        [--quick]
+
+Figures: benchmarks/results/train_throughput_<device>.json (`benchmarks/_results.py`); `benchmarks/gpu_check.sh`
+runs this on CUDA.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import Run, parse_args
 
 from pipelines.launch import LaunchOptions, launch, run_forwarding_signals, worker_process
 
@@ -116,6 +121,9 @@ def run_variant(args: argparse.Namespace, config: str, nproc: int, batch: int) -
     return json.loads(lines[-1][len("RESULT "):])
 
 
+QUICK = {"configs": ["tiny"], "steps": 2, "batch": ["tiny=8"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=["tiny", "gcc_yfcc"])
@@ -130,10 +138,12 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak of the whole run (default: see above)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_args(p, QUICK)
     if args.worker:
         args.batch = int(args.batch[0])
         return worker(args)
+    record = Run(f"train_throughput_{args.device}", args)
+    rows = []
 
     batches = dict(item.split("=") for item in args.batch)
     print(f"device {args.device}, precision {args.precision}, {args.steps} burn-in + {args.steps} timed steps, "
@@ -156,6 +166,12 @@ def main() -> None:
                   f"{peak:>7.2f} {achieved / peak:>6.1%} {r['images_per_s'] / base:>8.2f}x   "
                   f"(process group: {r['backend']}; peak: {peak_src})",
                   flush=True)
+            rows.append({"config": config, "procs": nproc, "batch_per_proc": int(batches.get(config, 8)),
+                         "images_per_s": r["images_per_s"], "images_per_s_per_proc": r["images_per_s"] / nproc,
+                         "gflop_per_image": r["flops_per_sample"] / 1e9, "tflops": achieved, "peak_tflops": peak,
+                         "mfu": achieved / peak, "vs_1_proc": r["images_per_s"] / base, "process_group": r["backend"],
+                         "peak_source": peak_src})
+    record.write(rows)
 
 
 if __name__ == "__main__":
