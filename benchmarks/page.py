@@ -43,6 +43,9 @@ LABELS = {
     "cc3m_minutes_on_idle_cores": "CC3M's 3.3M captions on idle cores, minutes",
     "matmul_peak_gflops": "measured matmul peak, GFLOP/s", "recorded_minutes": "recorded stages together, minutes",
     "install_and_repro_minutes": "make install + make repro, minutes", "repro_minutes": "make repro, minutes",
+    "first_s": "first submit, s", "repeat_median_s": "resubmit, median s", "repeat_min_s": "resubmit, min s",
+    "repeat_max_s": "resubmit, max s", "embedded_repeat_s": "embedded model, resubmit s",
+    "gcc_yfcc_repeat_s": "gcc_yfcc at 448 px, resubmit s",
 }
 PERCENT = {"mfu", "identical_words"}
 # The record's own entries; anything else at a file's top level (e.g. `source`) is shown as where figures came from.
@@ -130,6 +133,19 @@ BENCHMARKS: tuple[Benchmark, ...] = (
          "on this machine.",
          "A PASCAL VOC val pass (1,449 images) with the released architecture at the reference setting is a job for "
          "a GPU: see the GroupViT-S rows.")),
+    Benchmark(
+        "demo_latency", "Demo response time (`groupvit demo`)",
+        "Seconds from submit to result on the demo page, through Gradio's API client against the real page on a "
+        "loopback port (upload, queue, decode, `segment_image`, pictures, their download), with torch on 2 threads: "
+        "the embedded model (data/model, the tiny preset at 64 px) on a 64 px held-out scene with the world's 10 "
+        "classes (a 128 px short side), and the released GroupViT-S architecture (gcc_yfcc, random weights) on a "
+        "500 x 375 image with the 20 PASCAL VOC classes at the reference's 448 px short side. The first submit of a "
+        "class list runs the text encoder; a resubmit at another threshold reuses its class embeddings.",
+        (f"{PY} benchmarks/demo_latency.py --threads 2 --repeats 9",), (("demo_latency", ""),), ("gradio",),
+        ("One whole-image forward serves both the prediction and the groups of each stage "
+         "(`groupvit.evaluation.inference.ReuseLastForward`): about half the time of two forwards at 448 px.",
+         "On a shared machine (a load average above the 2 cores) the times are pessimistic: read the minimum "
+         "resubmit as the closest to an idle machine.")),
     Benchmark(
         "loader_throughput", "Training loader",
         "Images/s of `make_train_loader`'s whole pipeline (tar read, JPEG decode, augmentation, sidecar lookup, "

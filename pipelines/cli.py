@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.stages.train", "train GroupViT (torchrun/DDP when more than one process)"),
     "evaluate": ("pipelines.stages.evaluate", "zero-shot semantic segmentation and classification"),
     "segment": ("pipelines.stages.segment", "segment one image with any class list, write the overlay"),
+    "demo": ("pipelines.stages.demo", "serve the interactive segmentation web page (Gradio)"),
     "convert": ("pipelines.stages.convert", "convert checkpoints between official, HF and project layouts"),
     "ablate": ("pipelines.stages.ablate", "run an ablation grid as MLflow child runs"),
 }

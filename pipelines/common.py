@@ -24,6 +24,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("base", "model", "data", "train", "tracking"),
     "evaluate": ("base", "evaluate", "tracking"),
     "segment": ("evaluate",),
+    "demo": ("evaluate", "synth"),
     "ablate": KNOWN_SECTIONS,
 }
 

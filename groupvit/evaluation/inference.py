@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ from groupvit.errors import DataError
 from groupvit.evaluation.classification import class_embeddings, templates_of
 from groupvit.evaluation.config import EvaluateConfig, ModelSpec, SegmentationSpec
 from groupvit.evaluation.limits import MAX_LONG_SIDE
-from groupvit.evaluation.segmentation import SegmentationSettings, Segmenter
-from groupvit.evaluation.visualize import prediction_figure
+from groupvit.evaluation.segmentation import SegmentationSettings, Segmenter, stage_group_maps
+from groupvit.evaluation.visualize import segmentation_figure
 from groupvit.model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -108,15 +108,39 @@ def make_segmenter(model: LoadedModel, class_names: Sequence[str], templates: Se
                      background_prompts=len(background_prompts))
 
 
+class ReuseLastForward:
+    """An encoder that returns its previous outputs when called again with equal pixels.
+
+    `segment_image` needs one whole-image forward twice: for the prediction (`Segmenter.predict`) and for the groups
+    of each stage (`stage_group_maps`), both of `Segmenter.prepare(image[None])`. The second call gets the very
+    tensors of the first, so the results are those of two forwards at the cost of one (about half the time of a
+    released model at 448 px). One output is kept, and only while the segmenter is.
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], Mapping[str, Any]]):
+        self.encode = encode
+        self._last: tuple[torch.Tensor, Mapping[str, Any]] | None = None
+
+    def __call__(self, pixels: torch.Tensor) -> Mapping[str, Any]:
+        """Normalised pixels [B, 3, H, W] -> the encoder's outputs (those of the last call when `pixels` equal its)."""
+        if self._last is not None and self._last[0].shape == pixels.shape and torch.equal(self._last[0], pixels):
+            return self._last[1]
+        out = self.encode(pixels)
+        self._last = (pixels, out)
+        return out
+
+
 @dataclass(frozen=True)
 class ImageSegmentation:
-    """The segmentation of one image: classes per pixel, their names, the picture and the segmenter that made them
-    (a demo re-thresholds with `segmenter.predict(image[None], bg_thresh)` without embedding the prompts again)."""
+    """The segmentation of one image: classes per pixel, their names, the groups of each stage, the picture and the
+    segmenter that made them (a demo re-thresholds with `segmenter.predict(image[None], bg_thresh)` without
+    embedding the prompts again)."""
 
     pred: torch.Tensor  # [H, W] class indices, 0 = background
     class_names: list[str]  # background first
-    picture: bytes  # PNG: image, prediction with a legend, the groups of each stage
+    picture: bytes  # PNG: image, prediction with a legend, the groups of each stage (b"" when not asked for)
     segmenter: Segmenter
+    stage_groups: list[torch.Tensor] = field(default_factory=list)  # [H, W] group index after each grouping stage
 
     def fractions(self) -> list[tuple[str, float]]:
         """(class name, share of the pixels) of every predicted class, in class order."""
@@ -124,8 +148,10 @@ class ImageSegmentation:
 
 
 def segment_image(model: LoadedModel, image: torch.Tensor, class_names: Sequence[str], cfg: EvaluateConfig,
-                  bg_thresh: float, short_side: int | None = None, title: str = "") -> ImageSegmentation:
-    """Zero-shot segmentation of one image with any class list, whole-image mode as the reference demo.
+                  bg_thresh: float, short_side: int | None = None, title: str = "",
+                  picture: bool = True) -> ImageSegmentation:
+    """Zero-shot segmentation of one image with any class list, whole-image mode as the reference demo: the code
+    path of `groupvit segment` and `groupvit demo`.
 
     Args:
         model: the loaded model.
@@ -135,6 +161,7 @@ def segment_image(model: LoadedModel, image: torch.Tensor, class_names: Sequence
         bg_thresh: background threshold.
         short_side: resize the short side first; None = 2x the model's training size (448 for 224).
         title: picture title.
+        picture: draw the PNG (`ImageSegmentation.picture`; a page that shows the parts itself skips it).
 
     Raises:
         ImageSizeError: the image is more elongated than the limits of `inference_size` allow.
@@ -142,6 +169,9 @@ def segment_image(model: LoadedModel, image: torch.Tensor, class_names: Sequence
     short = short_side if short_side is not None else 2 * model.model.cfg.image_size
     settings = SegmentationSettings("whole", short, MAX_LONG_SIDE, 1, 1, cfg.top_k, cfg.assignment == "hard")
     seg = make_segmenter(model, class_names, templates_of(cfg.templates, "evaluate.templates"), settings)
+    seg.encode = ReuseLastForward(seg.encode)  # the prediction's forward serves the group maps too
     pred = seg.predict(image[None], bg_thresh)[0]
+    groups = stage_group_maps(seg, image)
     names = ["background", *class_names]
-    return ImageSegmentation(pred, names, prediction_figure(seg, image, pred, names, title=title), seg)
+    png = segmentation_figure(image, pred, names, None, groups, title=title) if picture else b""
+    return ImageSegmentation(pred, names, png, seg, groups)

@@ -44,6 +44,51 @@ def _legend(ax: plt.Axes, labels: np.ndarray, class_names: Sequence[str], palett
                   frameon=False)
 
 
+def prediction_overlay(image: torch.Tensor, pred: torch.Tensor, opacity: float = 0.5) -> np.ndarray:
+    """The prediction over the image in the PASCAL VOC colours, as the "prediction" panel of `segmentation_figure`.
+
+    Args:
+        image: uint8 [3, H, W].
+        pred: [H, W] class indices (0 = background, black).
+        opacity: weight of the class colours.
+
+    Returns:
+        uint8 [H, W, 3].
+    """
+    return blend(image.permute(1, 2, 0).numpy(), colorize(pred.numpy(), voc_palette()), opacity)
+
+
+def class_legend(pred: torch.Tensor, class_names: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, RGB colour of `prediction_overlay`) of every class present in `pred`, in class order.
+
+    Args:
+        pred: [H, W] class indices.
+        class_names: names including background.
+    """
+    pal = voc_palette()
+    present = [int(c) for c in torch.unique(pred).tolist() if c != IGNORE_INDEX and c < len(class_names)]
+    return [(class_names[c], (int(pal[c][0]), int(pal[c][1]), int(pal[c][2]))) for c in present]
+
+
+def group_overlays(image: torch.Tensor, stage_groups: Sequence[torch.Tensor]) -> list[tuple[np.ndarray, str]]:
+    """The groups of each grouping stage over the image, as the "stage i groups" panels of `segmentation_figure`.
+
+    Args:
+        image: uint8 [3, H, W].
+        stage_groups: [H, W] group index per stage (`groupvit.evaluation.segmentation.stage_group_maps`).
+
+    Returns:
+        (uint8 [H, W, 3], caption) per stage; the caption counts the groups that own at least one pixel.
+    """
+    img = image.permute(1, 2, 0).numpy()
+    out = []
+    for i, g in enumerate(stage_groups):
+        gn = g.numpy()
+        out.append((blend(img, colorize(gn, group_palette(int(gn.max()) + 1, seed=i))),
+                    f"stage {i + 1} groups ({len(np.unique(gn))} used)"))
+    return out
+
+
 def segmentation_figure(image: torch.Tensor, pred: torch.Tensor, class_names: Sequence[str],
                         target: torch.Tensor | None = None, stage_groups: Sequence[torch.Tensor] = (),
                         title: str = "") -> bytes:
@@ -62,14 +107,11 @@ def segmentation_figure(image: torch.Tensor, pred: torch.Tensor, class_names: Se
     pal = voc_palette()
     panels: list[tuple[str, np.ndarray, np.ndarray | None]] = [("image", img, None)]
     p = pred.numpy()
-    panels.append(("prediction", blend(img, colorize(p, pal)), p))
+    panels.append(("prediction", prediction_overlay(image, pred), p))
     if target is not None:
         t = target.numpy()
         panels.append(("ground truth", blend(img, colorize(t, pal)), t))
-    for i, g in enumerate(stage_groups):
-        gn = g.numpy()
-        panels.append((f"stage {i + 1} groups ({len(np.unique(gn))} used)",
-                       blend(img, colorize(gn, group_palette(int(gn.max()) + 1, seed=i))), None))
+    panels += [(caption, picture, None) for picture, caption in group_overlays(image, stage_groups)]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.4), squeeze=False)
     for ax, (name, picture, labels) in zip(axes[0], panels, strict=True):
         ax.imshow(picture, interpolation="nearest")
