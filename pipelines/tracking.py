@@ -321,7 +321,9 @@ class RunTracker:
         resume_id = self._resumable_run(resume)
         tags = {"stage": "train", "git_commit": git_commit(),
                 **{f"dvc.{path}": md5 for path, md5 in dvc_data_hashes(data_paths).items()}}
-        with mlflow.start_run(run_id=resume_id, run_name=None if resume_id else self.run_name,
+        # a run handed in by MLFLOW_RUN_ID (an ablation job's child run) keeps its own name
+        keep_name = resume_id or os.environ.get("MLFLOW_RUN_ID")
+        with mlflow.start_run(run_id=resume_id, run_name=None if keep_name else self.run_name,
                               log_system_metrics=self.cfg.system_metrics) as run:
             self.run_id = run.info.run_id
             mlflow.set_tags(tags)
