@@ -4,8 +4,8 @@
    127.0.0.1 and serves the deployments for the check. Loads the `retrain` deployment page, checks that it shows the
    deployment name, its cron schedule and its upcoming scheduled runs; saves docs/prefect_deployment.png.
 2. MLflow: starts `mlflow ui` on 127.0.0.1 over the project's tracking store, finds the latest ablation parent run
-   (`groupvit ablate`), loads the compare view of its child runs, checks that every child's name is on the page;
-   saves docs/mlflow_ablation.png.
+   (`groupvit ablate`), loads the compare view of its child runs ranked by `miou_test`, checks that every child's
+   name and the metric are on the page; saves docs/mlflow_ablation.png.
 
 Chromium is Debian's package (`apt-get install chromium`); browsers cannot be downloaded here.
 
@@ -83,6 +83,51 @@ def browse(url: str, screenshot: Path | None = None, wait_ms: int = 15000, size:
             run_tied([*base, f"--screenshot={shot}", url], timeout=180, check=True)
             atomic_write(screenshot, shot.read_bytes())
     return dom
+
+
+COMPARE_AXES = {"parameters": ["changed"], "metrics": ["miou_test", "group_oracle"]}  # the parallel-coordinates plot
+
+
+def compare_view(url: str, screenshot: Path, timeout_ms: int = 120_000) -> str:
+    """Open MLflow's compare view `url` in headless Chromium (Playwright), plot the variants against held-out mIoU
+    and the group oracle (MLflow preselects a few alphabetical metrics, `loss` among them), save `screenshot`;
+    return the page's HTML.
+
+    The selects are MLflow's design-system widgets: their visible options are `*-select-item-option` elements with the
+    value as title (the ARIA options are hidden copies).
+    """
+    from playwright.sync_api import sync_playwright
+
+    from pipelines.demo_browser import chromium_path
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run", "--disable-sync"])
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": 1100}).new_page()
+            page.goto(url, timeout=timeout_ms)
+            page.get_by_text("Parallel Coordinates Plot").wait_for(timeout=timeout_ms)
+            page.wait_for_timeout(2000)  # the plot's first render, which the selections below replace
+            close = page.get_by_role("button", name="Close")  # the MLflow Assistant side panel, empty here
+            if close.count():
+                close.first.click()
+            page.get_by_role("button", name="Clear All").click()
+            boxes = page.locator("input[role=combobox]")
+            for box, values in enumerate(COMPARE_AXES.values()):
+                for value in values:
+                    boxes.nth(box).click()
+                    boxes.nth(box).fill(value)
+                    page.locator(f'[class*=select-item-option][title="{value}"]').click(timeout=timeout_ms)
+            page.keyboard.press("Escape")
+            page.mouse.wheel(0, -10_000)  # back to the top: the plot, then the runs in their ranked order
+            page.wait_for_timeout(1500)
+            with tempfile.TemporaryDirectory(prefix="groupvit-shot-") as tmp:
+                shot = Path(tmp) / "shot.png"
+                page.screenshot(path=str(shot))
+                atomic_write(screenshot, shot.read_bytes())
+            return page.content()
+        finally:
+            browser.close()
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
@@ -182,15 +227,19 @@ def check_mlflow(params: Path, out: Path) -> str:
                 return False
 
         wait_for(up, 120, f"mlflow ui on {base}")
+        # ranked by held-out mIoU, best first (the compare view keeps the order of `runs`); unfinished children last
+        children = sorted(children, key=lambda c: -c.data.metrics.get("miou_test", float("-inf")))
         ids = [c.info.run_id for c in children]
         query = urllib.parse.urlencode({"runs": str(ids).replace("'", '"'),
                                         "experiments": f'["{exp.experiment_id}"]'})
         url = f"{base}/#/compare-runs?{query}"
-        dom = browse(url, out / "mlflow_ablation.png", wait_ms=20000, size="1600,1100")
+        dom = compare_view(url, out / "mlflow_ablation.png")
         names = [c.info.run_name for c in children]
         missing = [n for n in names if n not in dom]
         if missing:
             raise CheckFailed(f"the MLflow compare page {url} does not show the child runs {missing}")
+        if "miou_test" not in dom:
+            raise CheckFailed(f"the MLflow compare page {url} does not show the metric miou_test")
         return f"MLflow UI {url}: parent {parents[0].info.run_name} with {len(children)} children {names}"
     finally:
         stop(ui)
