@@ -10,9 +10,14 @@ Options: `--train-dir`, `--model-dir`, `--metrics-dir` (the outs above), `--run-
 stage: `--run-name train/vit_pixelwise`), `--launcher auto|torchrun|none`.
 
 Processes: `train.nproc` (`auto` = one per GPU, 1 on CPU). With more than one, or `--launcher torchrun`, the stage
-re-runs itself as torchrun workers (`pipelines/launch.py`; NCCL on GPUs, gloo on CPU). For several machines, start
-the workers with torchrun yourself (README, "Training"). Only rank 0 writes files and talks to MLflow (the run:
+re-runs itself as torchrun workers (`pipelines/launch.py`; NCCL on GPUs, gloo on CPU). Several machines: the same
+command on every node with `--nnodes N --rdzv-endpoint host:port` (or `$GROUPVIT_NNODES`, ...; README "Many
+machines"), `--train-dir` on storage every node shares. Only rank 0 writes files and talks to MLflow (the run:
 `pipelines.tracking.RunTracker`); it checks the tracking store before any work.
+
+The multi-node options are command-line options and environment variables, not params: a node's rank differs
+between nodes that share one params.yaml, the endpoint names this cluster's hosts, and neither changes what is
+trained (the world size, `run.world_size` in MLflow, and the checkpoints' resume check cover that).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from groupvit.config import flat_dict, save_resolved, to_dict
 from groupvit.errors import ConfigError
 from groupvit.training.config import TrainConfig
 from pipelines.common import load, load_base, run_stage, stage_parser
-from pipelines.launch import LaunchOptions, launch, resolve_nproc, worker_process
+from pipelines.launch import add_multinode_arguments, launch, multinode_options, resolve_nproc, worker_process
 from pipelines.tracking import RunTracker, TrackingConfig, check_reachable, resolve_uri, write_model_record
 
 
@@ -40,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("auto", "torchrun", "none"), default="auto",
                    help="auto: torchrun when train.nproc > 1; torchrun: always; none: this process only")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the launcher for each rank
+    add_multinode_arguments(p)
     return p
 
 
@@ -137,12 +143,24 @@ def main(argv: list[str] | None = None) -> int:
         train_cfg = load(TrainConfig, args, "train")  # validate every section before spawning processes
         load(ModelConfig, args, "model"), load(DataConfig, args, "data"), load_base(args)
         nproc = resolve_nproc(train_cfg.nproc)
-        if args.worker or args.launcher == "none" or (args.launcher == "auto" and nproc <= 1):
+        if args.worker:
+            return worker(args)
+        opts = multinode_options(args, nproc)
+        if opts.multinode and args.launcher == "none":
+            raise ConfigError(f"--launcher none runs one plain process: it cannot join a {opts.nnodes}-node job "
+                              "(drop --launcher none, or --nnodes / $GROUPVIT_NNODES)")
+        if args.launcher == "none" or (args.launcher == "auto" and nproc <= 1 and not opts.multinode):
             return worker(args)
         check_reachable(resolve_uri(load(TrackingConfig, args, "tracking")))
-        rc = launch(LaunchOptions(nproc=nproc), ["-m", "pipelines.stages.train", "--worker", *argv])
+        metrics = Path(args.metrics_dir) / "train.json"
+        before = metrics.stat().st_mtime_ns if metrics.exists() else None
+        rc = launch(opts, ["-m", "pipelines.stages.train", "--worker", *argv])
         if rc != 0:
             print(f"error: training failed (torchrun exit code {rc}); see the worker errors above", file=sys.stderr)
+        elif opts.multinode and (metrics.stat().st_mtime_ns if metrics.exists() else None) == before:
+            # global rank 0 ran elsewhere: a `dvc repro` on this node would find no outputs
+            print(f"train: global rank 0 ran on another node: the model, {metrics} and the MLflow run were written "
+                  "there (or to the shared folders given as --model-dir / --metrics-dir)")
         return 1 if rc else 0
 
     return run_stage(body)
