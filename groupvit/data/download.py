@@ -27,6 +27,7 @@ import logging
 import math
 import mmap
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,7 @@ import pyarrow.parquet as pq
 from groupvit.atomic import atomic_dir, atomic_write
 from groupvit.config import to_dict
 from groupvit.data.config import DownloadConfig
+from groupvit.data.distributed import ClusterError, check_distributor, launcher_command
 from groupvit.data.server import LoopbackImageServer
 from groupvit.data.urllist import loopback_address, read_url_list
 from groupvit.errors import DataError
@@ -69,6 +71,17 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# Keys only one engine reads: left out of the resolved config of a run on another, so that adding them kept the default
+# download's output (resolved_config.yaml is one of its files) byte-identical.
+_ENGINE_KEYS = {"pyspark": ("spark_master", "spark_conf"), "ray": ("ray_address",)}
+
+
+def resolved_config(cfg: DownloadConfig) -> dict[str, Any]:
+    """The config recorded beside the shards (`resolved_config.yaml`): every key but those of unused engines."""
+    unused = {k for engine, keys in _ENGINE_KEYS.items() if engine != cfg.distributor for k in keys}
+    return {k: v for k, v in to_dict(cfg).items() if k not in unused}
+
+
 def prepare_work_dir(cfg: DownloadConfig, table: pa.Table) -> tuple[Path, dict[str, Any]]:
     """Write `input.parquet` and the state; wipe `raw/` when inputs or content options changed. Returns the state."""
     work = Path(cfg.work_dir)
@@ -93,7 +106,10 @@ def finished_shards(raw: Path) -> set[int]:
 
 
 def img2dataset_command(cfg: DownloadConfig, input_parquet: Path, raw: Path) -> list[str]:
-    """The img2dataset CLI call (fire syntax: lists as JSON)."""
+    """The img2dataset CLI call (fire syntax: lists as JSON); for pyspark/ray, the launcher that sets up the engine
+    first (`groupvit.data.distributed`)."""
+    if cfg.distributor != "multiprocessing":  # Ray workers run in the head's working directory, not the stage's
+        input_parquet, raw = input_parquet.resolve(), raw.resolve()
     args = {
         "url_list": str(input_parquet), "input_format": "parquet", "url_col": "url", "caption_col": "caption",
         "output_folder": str(raw), "output_format": "webdataset", "incremental_mode": "incremental",
@@ -105,18 +121,23 @@ def img2dataset_command(cfg: DownloadConfig, input_parquet: Path, raw: Path) -> 
         "max_shard_retry": cfg.max_shard_retry, "distributor": cfg.distributor, "enable_wandb": False,
         "disallowed_header_directives": json.dumps(list(cfg.disallowed_header_directives)),
     }
+    cli = [a for k, v in args.items() for a in (f"--{k}", str(v))]
+    if cfg.distributor != "multiprocessing":
+        return launcher_command(cfg, cli, Path(cfg.work_dir).resolve())
     # `-c` rather than `-m img2dataset.main` (runpy warns that the module is imported twice)
-    cmd = [sys.executable, "-c", "import sys; from img2dataset.main import main; sys.exit(main())"]
-    for k, v in args.items():
-        cmd += [f"--{k}", str(v)]
-    return cmd
+    return [sys.executable, "-c", "import sys; from img2dataset.main import main; sys.exit(main())", *cli]
 
 
-def run_img2dataset(cmd: list[str], log_file: Path) -> None:
+def run_img2dataset(cmd: list[str], log_file: Path, distributor: str = "multiprocessing") -> None:
     """Run img2dataset, its output appended to `log_file`; on any interruption stop it before re-raising.
 
-    It runs as a `TiedProcess`: img2dataset and its pool workers die with this process even when it is killed
-    with SIGKILL (they would otherwise fetch every remaining shard from a server that died with us).
+    It runs as a `TiedProcess`: img2dataset and its pool workers (or its Spark driver and local executors) die with
+    this process even when it is killed with SIGKILL (they would otherwise fetch every remaining shard from a server
+    that died with us).
+
+    Raises:
+        ClusterError: img2dataset failed under `distributor` pyspark or ray (an executor, worker or node lost).
+        RuntimeError: img2dataset failed under multiprocessing.
     """
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1",
                no_proxy=",".join(filter(None, [os.environ.get("no_proxy", ""), "127.0.0.1,localhost"])))
@@ -132,6 +153,11 @@ def run_img2dataset(cmd: list[str], log_file: Path) -> None:
             raise
     if rc != 0:
         tail = log_file.read_text(errors="replace").splitlines()[-15:]
+        if distributor != "multiprocessing":
+            errors = [line.strip() for line in tail if re.search(r"(Error|Exception)\b", line)]
+            last = (errors or [line for line in tail if line.strip()] or ["no output"])[-1][:300]
+            raise ClusterError(f"download.distributor {distributor}: img2dataset failed (exit {rc}): {last}; nothing "
+                               f"was published, finished shards are kept: rerun to resume (log: {log_file})")
         raise RuntimeError(f"img2dataset exited with {rc}; last lines of {log_file}:\n" + "\n".join(tail))
 
 
@@ -358,6 +384,7 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
     table = read_url_list(cfg.url_list, cfg.input_format, cfg.url_col, cfg.caption_col)
     if cfg.serve_dir and not Path(cfg.serve_dir).is_dir():
         raise DataError(f"download.serve_dir: {cfg.serve_dir} is not a folder (set it to '' for internet url lists)")
+    check_distributor(cfg)  # before any work: Java, the cluster's address, a server the cluster can reach
     state_file, state = prepare_work_dir(cfg, table)
     work, raw, output_dir = Path(cfg.work_dir), Path(cfg.work_dir) / "raw", Path(cfg.output_dir)
     expected = math.ceil(table.num_rows / cfg.number_sample_per_shard)
@@ -376,9 +403,9 @@ def download(cfg: DownloadConfig) -> dict[str, Any]:
         if own_server:
             host, port = loopback_address(table.column("url"), cfg.url_list)
             with LoopbackImageServer(cfg.serve_dir, host, port):
-                run_img2dataset(cmd, work / "img2dataset.log")
+                run_img2dataset(cmd, work / "img2dataset.log", cfg.distributor)
         else:
-            run_img2dataset(cmd, work / "img2dataset.log")
+            run_img2dataset(cmd, work / "img2dataset.log", cfg.distributor)
         seconds += time.perf_counter() - start
         rounds += 1
         # Our server was up all along, so a connection error now was a transient (a timeout on a loaded machine):

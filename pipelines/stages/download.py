@@ -4,7 +4,8 @@ DVC stage (for dvc.yaml; after `synth`):
     cmd:     groupvit download
     deps:    data/synth/train/urls.parquet, data/synth/train/images (the `download.url_list` / `download.serve_dir`
              defaults), groupvit/data/config.py, groupvit/data/download.py, groupvit/data/urllist.py,
-             groupvit/data/server.py, groupvit/atomic.py, pipelines/stages/download.py
+             groupvit/data/server.py, groupvit/data/distributed.py, groupvit/atomic.py,
+             pipelines/stages/download.py
     params:  download (whole section)
     outs:    data/shards   (NNNNN.tar, NNNNN.parquet, NNNNN_stats.json, resolved_config.yaml)
     metrics: metrics/download.json (cache: false)
@@ -26,7 +27,7 @@ from pathlib import Path
 from groupvit.atomic import atomic_write
 from groupvit.config import flat_dict, load_section, save_resolved
 from groupvit.data.config import DownloadConfig
-from groupvit.data.download import download
+from groupvit.data.download import download, resolved_config
 from pipelines.common import load, run_stage, stage_parser
 from pipelines.tracking import TrackingConfig, check_reachable, resolve_uri, start_run
 
@@ -44,7 +45,7 @@ def log_to_mlflow(tracking: TrackingConfig, cfg: DownloadConfig, metrics: dict) 
     import mlflow
 
     with start_run(tracking, "download", tags={"stage": "download"}, log_system_metrics=False):
-        mlflow.log_params(flat_dict(cfg, "download."))
+        mlflow.log_params(flat_dict(resolved_config(cfg), "download."))
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_dict(metrics, "download_metrics.json")
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
             signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
         metrics = download(cfg)
-        save_resolved(Path(cfg.output_dir) / "resolved_config.yaml", download=cfg)
+        save_resolved(Path(cfg.output_dir) / "resolved_config.yaml", download=resolved_config(cfg))
         atomic_write(METRICS, json.dumps(metrics, indent=2) + "\n")
         reasons = ", ".join(f"{n} x {r}" for r, n in metrics["failures_by_reason"].items()) or "none"
         print(f"download: {metrics['successes']}/{metrics['count']} images ({metrics['success_rate']:.1%}) in "
