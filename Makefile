@@ -17,7 +17,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export no_proxy := 127.0.0.1,localhost
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: install repro test test-fast lint docs lock serve ui ui-check ablate bench clean-venv
+.PHONY: install repro test test-fast lint docs lock serve deploy worker ui ui-check ablate bench clean-venv
 
 install:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
@@ -90,6 +90,28 @@ TRACKING_URI = $(shell $(BIN)/python -c 'from groupvit.config import load_sectio
 serve: install
 	@[ -d .git ] && [ -d .dvc ] || { echo "serve: run make repro first (needs the git + DVC repository)"; exit 2; }
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pipelines.serve --port $(PREFECT_PORT)
+
+# Many machines (README "Many machines"): `make deploy` once, from any checkout, creates the
+# `process` work pool of params `prefect.work_pool` if missing and deploys `retrain` to it on the cron schedule;
+# `make worker` on each training machine runs the pool's flow runs in the checkout it is started in (Ctrl-C stops).
+# Both need a Prefect server at $$PREFECT_API_URL (default 127.0.0.1:$(PREFECT_PORT); `prefect server start`).
+deploy: install
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} $(BIN)/python -m pipelines.deploy
+
+worker: install
+	@[ -d .git ] && [ -d .dvc ] || { echo "worker: run make repro first (needs the git + DVC repository)"; exit 2; }
+	PATH=$(CURDIR)/$(BIN):$$PATH PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
+		$(BIN)/python -m pipelines.deploy worker
+
+# A shared MLflow tracking server (README "Many machines"): sqlite store and proxied artifacts in $(MLFLOW_SERVER_DIR),
+# on $(MLFLOW_HOST):$(MLFLOW_PORT); clients set tracking.uri http://<host>:$(MLFLOW_PORT). Ctrl-C stops it.
+.PHONY: mlflow-server
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_SERVER_DIR ?= $(CURDIR)/.mlflow-server
+MLFLOW_WORKERS ?= 2
+mlflow-server: install
+	$(BIN)/python -m pipelines.mlflow_server --dir $(MLFLOW_SERVER_DIR) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--workers $(MLFLOW_WORKERS)
 
 # The MLflow UI over the project's tracking store (params `tracking.uri`, else $$MLFLOW_TRACKING_URI, else mlflow.db).
 ui: install

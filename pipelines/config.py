@@ -7,7 +7,7 @@ orchestrators (`pipelines.flows`, `pipelines.serve`) that read the classes here 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from groupvit.config import param
 
@@ -16,7 +16,7 @@ from groupvit.config import param
 class OrchestrationConfig:
     """How Prefect runs the pipeline: the `prefect:` section of params.yaml."""
 
-    deployment: str = param("groupvit-retrain", help="name of the served `retrain` deployment")
+    deployment: str = param("groupvit-retrain", help="name of the `retrain` deployment (make serve, make deploy)")
     cron: str = param("0 3 * * 1", help="retrain schedule (cron, in `timezone`)")
     timezone: str = param("UTC", help="IANA time zone of the cron schedule")
     workdir: str = param(".", help="DVC repository the served flows run in (relative to the params file)")
@@ -27,6 +27,12 @@ class OrchestrationConfig:
     promote_metric: str = param("evaluate.json:synth_test.groupvit.miou",
                                 help="`<file in metrics/>:<dotted key>` compared for promotion")
     commit: bool = param(False, help="git-commit dvc.lock and metrics/ after a successful retrain")
+    push: bool | Literal["auto"] = param("auto", help="dvc push to the default DVC remote after a successful "
+                                         "retrain: auto = when one is set, true = always (none is an error)")
+    work_pool: str = param("groupvit", help="`process` work pool make deploy deploys `retrain` to, make worker polls")
+    heartbeat_seconds: int = param(60, ge=30, help="how often a worker's flow run reports it is alive (make deploy)")
+    crash_after_seconds: float = param(300.0, ge=10,
+                                       help="a deployed run silent this long is marked Crashed (machine lost)")
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,18 @@ from groupvit.errors import DataError
 from pipelines import ablation as ablation_lib
 from pipelines.config import OrchestrationConfig
 from pipelines.promotion import Decision, promote_if_better
-from pipelines.tracking import MODEL_RECORD, TrackingConfig, read_model_record, resolve_uri
+from pipelines.remotes import Remote, check_remote, push_target
+from pipelines.remotes import push as dvc_push
+from pipelines.tracking import MODEL_RECORD, TrackingConfig, check_reachable, read_model_record, resolve_uri
 from pipelines.workspace import load_dvc_yaml, read_metric, run_streaming, stage_metrics, tool_env, workspace_lock
 
 
 class StageFailed(RuntimeError):
     """`dvc repro <stage>` exited non-zero; the message ends with the stage's last output lines."""
+
+
+class PushFailed(RuntimeError):
+    """`dvc push` exited non-zero; the message ends with its last output lines."""
 
 
 def _key(*parts: str) -> str:
@@ -114,6 +120,38 @@ def promote(workdir: str, params_file: str, cfg: OrchestrationConfig) -> dict[st
     return decision.as_dict()
 
 
+@task(name="dvc-push", task_run_name="dvc push -r {remote_name}", cache_policy=NO_CACHE)
+def push_versions(workdir: str, remote_name: str, remote_url: str) -> dict[str, Any]:
+    """Publish what dvc.lock records (data, models, evaluation outputs) to the DVC remote, for `dvc pull` elsewhere."""
+    logger = get_run_logger()
+    remote = Remote(remote_name, remote_url)
+    result = dvc_push(workdir, remote, logger.info)
+    if result.returncode != 0:
+        raise PushFailed(f"`dvc push -r {remote.name}` to {remote.url} exited with {result.returncode} in {workdir}; "
+                         f"nothing was promoted or committed; last output:\n{result.tail}")
+    create_markdown_artifact(key="dvc-push", markdown=f"## Pushed to `{remote.name}`\n\n{remote.url}, "
+                             f"{result.seconds:.1f} s\n\n```\n{result.tail}\n```\n",
+                             description=f"dvc push to the DVC remote {remote.name}")
+    return {"remote": remote.name, "url": remote.url, "seconds": round(result.seconds, 2)}
+
+
+def preflight(wd: Path, params_file: str, cfg: OrchestrationConfig) -> Remote | None:
+    """Check, before any work, that the MLflow tracking store and the DVC remote `retrain` will use are reachable.
+
+    Returns:
+        The remote to push to after the stages (params `prefect.push`), None for none.
+
+    Raises:
+        ConfigError: one of them is not reachable (the message names it); nothing in the workspace has changed.
+    """
+    tracking = load_section(TrackingConfig, wd / params_file, "tracking", required=False)
+    check_reachable(resolve_uri(tracking, root=wd))
+    remote = push_target(wd, cfg.push)
+    if remote is not None:
+        check_remote(wd, remote)
+    return remote
+
+
 @task(name="git-commit", cache_policy=NO_CACHE)
 def commit_versions(workdir: str, message: str) -> str:
     """Record the new versions in git: dvc.lock and the metrics (the data itself stays in the DVC cache)."""
@@ -182,7 +220,11 @@ def pipeline_stages(workdir: Path) -> list[str]:
 
 @flow(name="retrain", log_prints=True)
 def retrain(workdir: str = ".", params_file: str = "params.yaml", promote_model: bool = True) -> dict[str, Any]:
-    """Rebuild the pipeline stage by stage with DVC, then promote the model if it beats the champion.
+    """Rebuild the pipeline stage by stage with DVC, push the new versions to the DVC remote (when one is configured,
+    params `prefect.push`), then promote the model if it beats the champion.
+
+    The tracking store and the remote are checked before any stage runs; promotion and the git commit come only
+    after every stage and the push succeeded, so a failed run publishes nothing half-done.
 
     Args:
         workdir: the DVC repository (a git checkout of this project).
@@ -192,8 +234,13 @@ def retrain(workdir: str = ".", params_file: str = "params.yaml", promote_model:
     wd = Path(workdir).resolve()
     cfg = _config(wd, params_file)
     with _workspace(wd, cfg):
+        remote = preflight(wd, params_file, cfg)
         reports = [_stage_task(cfg)(stage, str(wd)) for stage in pipeline_stages(wd)]
-        # Promotion runs only after every stage succeeded: a failed stage raises above and nothing is promoted.
+        pushed = None
+        if remote is not None:  # after every stage: a failed one raises above and nothing is pushed
+            pushed = push_versions.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)(
+                str(wd), remote.name, remote.url)
+        # Promotion runs only after every stage (and the push) succeeded: a failure raises above, nothing is promoted.
         decision = promote(str(wd), params_file, cfg) if promote_model else None
         commit = commit_versions(str(wd), f"retrain {flow_run.name}: dvc.lock and metrics") if cfg.commit else None
     rows = [{"stage": r["stage"], "ran": r["ran"], "seconds": r["seconds"], "metric": k, "value": v}
@@ -201,9 +248,10 @@ def retrain(workdir: str = ".", params_file: str = "params.yaml", promote_model:
     create_table_artifact(key="retrain-metrics", table=rows, description="dvc metrics after this retrain, per stage")
     summary = "\n".join(f"- `{r['stage']}`: {'ran' if r['ran'] else 'up to date'} ({r['seconds']} s)" for r in reports)
     verdict = decision["reason"] if decision else "promotion disabled for this run"
-    create_markdown_artifact(key="retrain-summary", markdown=f"## Retrain\n\n{summary}\n\n**Model:** {verdict}\n",
-                             description="stages run and the promotion decision")
-    return {"stages": reports, "promotion": decision, "commit": commit}
+    where = f"pushed to DVC remote `{pushed['remote']}` ({pushed['url']})" if pushed else "not pushed (no DVC remote)"
+    create_markdown_artifact(key="retrain-summary", markdown=f"## Retrain\n\n{summary}\n\n**Versions:** {where}\n\n"
+                             f"**Model:** {verdict}\n", description="stages run, the push and the promotion decision")
+    return {"stages": reports, "push": pushed, "promotion": decision, "commit": commit}
 
 
 @task(name="ablation-job", task_run_name="job {job.name}", cache_policy=NO_CACHE)
