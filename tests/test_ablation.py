@@ -111,6 +111,9 @@ def test_the_report_gives_mean_spread_seeds_and_the_papers_direction():
     assert "| assignment-hard | 52.00 ± 2.00 | 50.0 / 52.0 / 54.0 | -10.00 |" in text and "| better |" in text
     verdict = verdicts(stats, "miou_test")
     assert len(verdict) == 1 and "the opposite of the paper" in verdict[0] and "-10.00" in verdict[0]
+    one_seed = collect(runs[:1] + runs[3:4], ["this-world/baseline", "this-world/assignment-hard"])
+    verdict = verdicts(one_seed, "miou_test")  # 60 -> 50 from one run each: no spread to judge it by
+    assert len(verdict) == 1 and "single seed, not yet a finding" in verdict[0] and "opposite" not in verdict[0]
 
 
 def test_the_cli_lists_the_variants_of_the_project_params(capsys):
@@ -177,6 +180,8 @@ def test_a_study_resumes_after_an_interruption_and_reruns_only_what_changed(tmp_
     assert len(client.get_metric_history(child.info.run_id, "loss")) == 2  # logged per step by the train stage
     table = (repo / "data/ablation/table.md").read_text()
     assert "| baseline |" in table and "| assignment-hard |" in table and " ± " in table
+    baseline = next(line for line in table.splitlines() if line.startswith("| baseline |"))
+    assert float(baseline.split("|")[8]) > 0  # the final loss column, read from the children's final/final_loss
     assert {a.path for a in client.list_artifacts(parent_id)} >= {"table.md", "chart.png", "report.json", "plan.json"}
     assert client.get_run(parent_id).data.metrics["miou_test_mean/this-world/baseline"] == pytest.approx(
         sum(r[0].data.metrics["miou_test"] for n, r in runs.items() if "baseline" in n) / 2)
