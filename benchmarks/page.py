@@ -203,6 +203,21 @@ BENCHMARKS: tuple[Benchmark, ...] = (
          "while its forward is faster, hence `attn_impl: auto`: SDPA except CPU training; on a GPU always SDPA. "
          "`--attn-impl`, `--grad-checkpointing`, `--compile` and `--variants` compare the alternatives.")),
     Benchmark(
+        "profile_step", "Where the training step's time goes (torch.profiler)",
+        "`torch.profiler` over the real training loop (`groupvit.training.fit`) with params.yaml's model, loss and "
+        "`train` settings (the embedded default: batch 64, bf16 autocast, caption + 3 prompts, clipping, AdamW) on "
+        "in-memory batches, after warm-up steps: the self CPU time of every aten op summed into families and into "
+        "phases (forward, backward, optimizer), aten ops and host syncs per step. The profiler's table of the top ops "
+        "is written beside the results file (`benchmarks/results/profile_step.txt`).",
+        (f"{PY} benchmarks/profile_step.py --steps 20",), (("profile_step", ""),),
+        notes=("Self times are measured with the profiler on, which adds a little per op: the shares, not the step "
+               "time, are the figures to read; `model_throughput` and `train_throughput` time the step without it.",
+               "\"copies and layout\" holds autocast's casts to and from bf16 (`aten::copy_`) beside concatenations, "
+               "indexing and `.contiguous()` copies: the table beside the results file names the ops. The optimizer "
+               "row holds AdamW's kernels: on CPU torch runs AdamW one parameter at a time (`lerp_`, `addcdiv_`, ... "
+               "once per parameter, and a host sync per parameter for its step count) unless asked for `foreach` or "
+               "`fused`.")),
+    Benchmark(
         "train_throughput", "Training throughput and MFU (CPU)",
         "Images/s and MFU of the real training loop (`groupvit.training.fit`: DDP over gloo when 2 processes, "
         "autocast, clipping, AdamW, per-step schedule) at 1 and 2 processes, on in-memory batches, so the figures "
