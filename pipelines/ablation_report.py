@@ -226,16 +226,19 @@ def _budget(children: Sequence[Any]) -> str:
             f"(the default pipeline's own length), then the evaluation of that model.")
 
 
-def _timing(children: Sequence[Any], stats: list[VariantStats]) -> str:
+def _timing(children: Sequence[Any], stats: list[VariantStats], planned: int | None = None) -> str:
+    """The study's time; with `planned` (variants x seeds of its plan), whether it has finished."""
     done = [r for r in children if r.info.end_time and r.info.status == "FINISHED"]
     if not done:
         return ""
+    unfinished = (f" **Unfinished: {len(done)} of the {planned} planned jobs have run**; `groupvit ablate` continues "
+                  "the study where it stopped." if planned and len(done) < planned else "")
     total = sum((r.info.end_time - r.info.start_time) / 1000 for r in done)
     span = (max(r.info.end_time for r in done) - min(r.info.start_time for r in done)) / 1000
     per = [t for s in stats for t in s.seconds]
     return (f"{len(done)} jobs ({len(stats)} variants), {total / 3600:.2f} h of job time in all "
             f"({statistics.median(per) / 60:.1f} min per job, median), {span / 3600:.2f} h from the first job's start "
-            "to the last one's end.")
+            "to the last one's end." + unfinished)
 
 
 def study_report(client: Any, parent_id: str, out_dir: Path, metric: str = "miou_test") -> dict[str, Any]:
@@ -249,12 +252,13 @@ def study_report(client: Any, parent_id: str, out_dir: Path, metric: str = "miou
                                   max_results=5000)
     try:  # the plan the study ran (its order); a parent without one orders by first run
         with open(client.download_artifacts(parent_id, "plan.json")) as f:
-            order = list(json.load(f)["variants"])
+            plan = json.load(f)
+        order, planned = list(plan["variants"]), len(plan["variants"]) * len(plan.get("seeds", [])) or None
     except Exception:  # noqa: BLE001 (any failure to read an optional artifact)
-        order = []
+        order, planned = [], None
     stats = collect(children, order)
     current = [r for r in children if r.data.tags.get("groupvit.superseded") != "true"]
-    body = markdown(stats, metric, _budget(current), _timing(current, stats))
+    body = markdown(stats, metric, _budget(current), _timing(current, stats, planned))
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [atomic_write(out_dir / "table.md", f"# Ablation study `{parent.info.run_name}`\n\n" + body)]
     if stats:
