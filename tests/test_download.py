@@ -440,9 +440,15 @@ def test_sigterm_sighup_ctrl_c_stop_the_stage_and_its_img2dataset(served_world, 
                             stderr=subprocess.DEVNULL, process_group=0)
     tree: set[int] = set()
     try:
+        # Signal once img2dataset runs: waiting for a first finished shard raced the whole download on a loaded
+        # machine (this process starved while all 6 shards finished, and the stage exited 0 before the signal).
         deadline = time.monotonic() + 180
-        while not list(raw.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and proc.poll() is None:
+            tree = _descendants(proc.pid)
+            if raw.is_dir() and any("img2dataset" in cmd for pid, (_, cmd) in _procs().items() if pid in tree):
+                break
             time.sleep(0.02)
+        assert proc.poll() is None, "the download ended before img2dataset was seen running"
         tree = _descendants(proc.pid)
         os.kill(proc.pid, sig)
         assert proc.wait(timeout=60) == rc  # img2dataset's clean stop, or SIGKILL after 15 s
