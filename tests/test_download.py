@@ -437,7 +437,10 @@ def test_sigterm_sighup_ctrl_c_stop_the_stage_and_its_img2dataset(served_world, 
     params = _served_params(root, name)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "download", "--params", str(params)],
                             cwd=root / name, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, process_group=0)
+                            stderr=subprocess.DEVNULL, process_group=0,
+                            # Ctrl-C's default disposition, whatever this process inherited or an earlier test left
+                            # (a child started with SIGINT ignored never gets KeyboardInterrupt: the stage ran to rc 0)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tree: set[int] = set()
     try:
         # Signal once img2dataset runs: waiting for a first finished shard raced the whole download on a loaded
