@@ -20,7 +20,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import yaml
 
 from groupvit.atomic import atomic_write
-from groupvit.config import param
+from groupvit.config import flat_dict, param
 from groupvit.errors import ConfigError, DataError
 
 # Set before mlflow is imported anywhere in the process: no network calls from a tracking library.
@@ -360,3 +360,72 @@ class RunTracker:
             out.update(name=self.cfg.registered_model, version=int(version),
                        model_uri=f"models:/{self.cfg.registered_model}/{version}")
         return out
+
+
+# ---- the evaluate stage's run ------------------------------------------------------------------------------------
+
+eval_log = logging.getLogger("groupvit.evaluate")  # messages of the evaluate stage's output
+
+
+def mlflow_logger(tracking_cfg: Any, cfg: Any, seed: int) -> Callable[[dict, list[Path], list[Path]], None]:
+    """`groupvit evaluate`'s tracking (`cfg`: its EvaluateConfig): log figures, pictures and tables to one MLflow
+    run, tagged with the evaluated model's registered version.
+
+    The run starts when the logger is made (before the evaluation), so its duration is the evaluation's. Each
+    model's headline figures (`miou_test`, `miou_val`, `group_oracle`, ...) also go to the run that trained it (its
+    `mlflow.json` record), so the runs table compares `train/groupvit` and `train/vit_pixelwise` by mIoU directly.
+    """
+    import time
+
+    started = time.time()
+
+    def log_run(results: dict, pictures: list[Path], tables: list[Path]) -> None:
+        import mlflow
+
+        from groupvit.evaluation.results import flat_metrics, headline_metrics  # evaluate's only: not train's deps
+
+        tags = {"stage": "evaluate", "git_commit": git_commit()}
+        records: dict[str, dict[str, Any]] = {}
+        for spec in cfg.models:
+            try:  # a stale or broken record loses the tags, never the evaluation
+                meta = read_model_record(spec.path) if Path(spec.path).is_dir() else None
+            except DataError as e:
+                eval_log.warning("%s: not tagged with its MLflow record: %s", spec.name, e)
+                meta = None
+            records[spec.name] = meta or {}
+            tags.update({f"{spec.name}.{k}": str(v) for k, v in (meta or {}).items()
+                         if not isinstance(v, (dict, list))})
+        report = cfg.report or next((s.name for s in reversed(cfg.segmentation) if s.name in results), "")
+        val = next((s.bg_thresh_from for s in cfg.segmentation if s.name == report), "")
+        headlines = {m: headline_metrics(results, m, report, val) for m in records if m in results.get(report, {})}
+        with start_run(tracking_cfg, "evaluate", tags=tags, log_system_metrics=False, start_time=started) as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in flat_dict({"evaluate": cfg}).items()})
+            mlflow.log_param("base.seed", seed)
+            mlflow.log_metrics(flat_metrics(results))
+            mlflow.log_metrics({f"{k}/{m}": v for m, figures in headlines.items() for k, v in figures.items()})
+            for model, figures in headlines.items():
+                log_to_training_run(records[model], figures, run.info.run_id)
+            for p in pictures:
+                mlflow.log_artifact(str(p), artifact_path="pictures")
+            for t in [*tables, Path(cfg.metrics_file)]:
+                mlflow.log_artifact(str(t), artifact_path="tables")
+    return log_run
+
+
+def log_to_training_run(record: dict[str, Any], figures: dict[str, float], evaluate_run: str) -> None:
+    """Put a model's headline figures on the MLflow run that trained it (when its record names one in this store)."""
+    import mlflow
+
+    run_id, uri = record.get("run_id"), record.get("tracking_uri")
+    if not run_id or uri != mlflow.get_tracking_uri():
+        return
+    client = mlflow.MlflowClient(uri)
+    try:
+        if run_id == evaluate_run:  # the ablation's child run trains and evaluates: the names are logged as they are
+            mlflow.log_metrics(figures)
+        else:
+            for name, value in figures.items():
+                client.log_metric(run_id, name, value)
+            client.set_tag(run_id, "evaluated_by", evaluate_run)
+    except mlflow.exceptions.MlflowException as e:  # a deleted run: the evaluate run still has the figures
+        eval_log.warning("the training run %s did not take the evaluation's figures: %s", run_id, e)

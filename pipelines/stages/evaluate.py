@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from groupvit.atomic import atomic_write
-from groupvit.config import flat_dict, save_resolved
-from groupvit.errors import DataError
+from groupvit.config import save_resolved
 from groupvit.evaluation.classification import templates_of
 from groupvit.evaluation.config import ClassificationSpec, EvaluateConfig, SegmentationSpec, check_config, skipped
 from groupvit.evaluation.datasets import ImageFolderDataset, SegmentationDataset, SingleObjectDataset
@@ -34,8 +33,6 @@ from groupvit.evaluation.results import (
     classification_entry,
     comparison,
     finite,
-    flat_metrics,
-    headline_metrics,
     per_class_csv,
     per_class_rows,
     segmentation_entry,
@@ -46,6 +43,7 @@ from groupvit.evaluation.thresholds import bg_thresh_for, tuned_thresholds, writ
 from groupvit.evaluation.visualize import write_pictures
 from groupvit.model import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.common import load, load_base, run_stage, stage_parser
+from pipelines.tracking import mlflow_logger
 
 log = logging.getLogger("groupvit.evaluate")
 
@@ -126,69 +124,6 @@ def evaluate(cfg: EvaluateConfig, log_run: Callable[[dict, list[Path], list[Path
     if log_run is not None:
         log_run(results, pictures, tables)
     return results
-
-
-def mlflow_logger(tracking_cfg: Any, cfg: EvaluateConfig, seed: int) -> Callable[[dict, list[Path], list[Path]], None]:
-    """Log figures, pictures and tables to one MLflow run, tagged with the evaluated model's registered version.
-
-    The run starts when the logger is made (before the evaluation), so its duration is the evaluation's. Each
-    model's headline figures (`miou_test`, `miou_val`, `group_oracle`, ...) also go to the run that trained it (its
-    `mlflow.json` record), so the runs table compares `train/groupvit` and `train/vit_pixelwise` by mIoU directly.
-    """
-    import time
-
-    started = time.time()
-
-    def log_run(results: dict, pictures: list[Path], tables: list[Path]) -> None:
-        import mlflow
-
-        from pipelines.tracking import git_commit, read_model_record, start_run
-
-        tags = {"stage": "evaluate", "git_commit": git_commit()}
-        records: dict[str, dict[str, Any]] = {}
-        for spec in cfg.models:
-            try:  # a stale or broken record loses the tags, never the evaluation
-                meta = read_model_record(spec.path) if Path(spec.path).is_dir() else None
-            except DataError as e:
-                log.warning("%s: not tagged with its MLflow record: %s", spec.name, e)
-                meta = None
-            records[spec.name] = meta or {}
-            tags.update({f"{spec.name}.{k}": str(v) for k, v in (meta or {}).items()
-                         if not isinstance(v, (dict, list))})
-        report = cfg.report or next((s.name for s in reversed(cfg.segmentation) if s.name in results), "")
-        val = next((s.bg_thresh_from for s in cfg.segmentation if s.name == report), "")
-        headlines = {m: headline_metrics(results, m, report, val) for m in records if m in results.get(report, {})}
-        with start_run(tracking_cfg, "evaluate", tags=tags, log_system_metrics=False, start_time=started) as run:
-            mlflow.log_params({k: str(v)[:500] for k, v in flat_dict({"evaluate": cfg}).items()})
-            mlflow.log_param("base.seed", seed)
-            mlflow.log_metrics(flat_metrics(results))
-            mlflow.log_metrics({f"{k}/{m}": v for m, figures in headlines.items() for k, v in figures.items()})
-            for model, figures in headlines.items():
-                log_to_training_run(records[model], figures, run.info.run_id)
-            for p in pictures:
-                mlflow.log_artifact(str(p), artifact_path="pictures")
-            for t in [*tables, Path(cfg.metrics_file)]:
-                mlflow.log_artifact(str(t), artifact_path="tables")
-    return log_run
-
-
-def log_to_training_run(record: dict[str, Any], figures: dict[str, float], evaluate_run: str) -> None:
-    """Put a model's headline figures on the MLflow run that trained it (when its record names one in this store)."""
-    import mlflow
-
-    run_id, uri = record.get("run_id"), record.get("tracking_uri")
-    if not run_id or uri != mlflow.get_tracking_uri():
-        return
-    client = mlflow.MlflowClient(uri)
-    try:
-        if run_id == evaluate_run:  # the ablation's child run trains and evaluates: the names are logged as they are
-            mlflow.log_metrics(figures)
-        else:
-            for name, value in figures.items():
-                client.log_metric(run_id, name, value)
-            client.set_tag(run_id, "evaluated_by", evaluate_run)
-    except mlflow.exceptions.MlflowException as e:  # a deleted run: the evaluate run still has the figures
-        log.warning("the training run %s did not take the evaluation's figures: %s", run_id, e)
 
 
 def main(argv: list[str] | None = None) -> int:
