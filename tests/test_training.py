@@ -85,6 +85,39 @@ def test_decay_exemptions_follow_the_reference():
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
 
 
+def _adamw_steps(impl: str, steps: int = 5) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters and clipped gradients after `steps` AdamW steps on fixed random gradients."""
+    model = micro_model()
+    opt = build_optimizer(model, 1e-2, 0.05, impl)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 3
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0, foreach=impl != "for_loop")
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], [p.grad.clone() for p in model.parameters()]
+
+
+def test_foreach_adamw_and_clipping_are_bit_identical_to_the_per_parameter_loop_and_fused_rounds_close():
+    plain, plain_grads = _adamw_steps("for_loop")
+    for impl in ("auto", "foreach"):  # auto = foreach on CPU: the trained weights (and dvc.lock) do not move
+        params, grads = _adamw_steps(impl)
+        assert all(torch.equal(a, b) for a, b in zip(params, plain, strict=True)), impl
+        assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True)), impl
+    fused, _ = _adamw_steps("fused")
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer impl must be one of"):
+        build_optimizer(micro_model(), 1e-3, 0.05, "apex")
+
+
+def test_the_default_optimizer_trains_the_weights_of_the_per_parameter_loop_bit_for_bit():
+    plain, fast = micro_model(), micro_model()
+    run(plain, train_cfg(precision="bf16", optimizer_impl="for_loop"))
+    run(fast, train_cfg(precision="bf16"))  # auto: foreach AdamW, foreach clipping
+    assert all(torch.equal(a, b) for a, b in zip(params_of(plain).values(), params_of(fast).values(), strict=True))
+
+
 def test_learning_rate_scales_with_the_global_batch():
     assert TrainConfig(batch_size=256).lr_factor(16) == 1.0  # the paper: 256 x 16 GPUs = 4096
     assert TrainConfig(batch_size=64, grad_accum=2).lr_factor(4) == pytest.approx(512 / 4096)

@@ -34,6 +34,9 @@ class TrainConfig:
     precision: str = param("bf16", choices=("bf16", "fp16", "fp32"),
                            help="autocast dtype; bf16 falls back to fp16 + grad scaler on GPUs without bf16")
     compile: bool = param(False, help="torch.compile the model")
+    optimizer_impl: str = param("auto", choices=("auto", "for_loop", "foreach", "fused"),
+                                help="AdamW kernels: auto = fused on CUDA, foreach elsewhere (bit-identical to "
+                                     "for_loop on CPU); fused on CPU is faster but rounds differently")
     nproc: int | str = param("auto", help="processes on this machine: 'auto' = one per GPU (1 on CPU) or a number")
     threads: int = param(0, ge=0, help="torch CPU threads per process; 0 = cores / processes")
     dist_timeout_s: int = param(600, ge=10, help="collective timeout: a dead peer ends the run instead of a hang")

@@ -24,14 +24,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": exempt, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW(0.9, 0.999, eps 1e-8) as in the reference; fused kernels when every parameter is on CUDA.
+OPTIMIZER_IMPLS = ("auto", "for_loop", "foreach", "fused")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, impl: str = "auto") -> torch.optim.AdamW:
+    """AdamW(0.9, 0.999, eps 1e-8) as in the reference.
 
     Args:
         model: the (unwrapped) model.
         lr: the already scaled learning rate (the schedule overwrites it every step).
         weight_decay: decay of the non-exempt group.
+        impl: `for_loop` (one parameter at a time, PyTorch's CPU default), `foreach` (the same arithmetic in a few
+            multi-tensor kernels: bit-identical to for_loop on CPU, about 1.5x faster there), `fused` (one kernel:
+            fastest, rounds differently, ~1e-7), or `auto` = fused when every parameter is on CUDA, else foreach.
     """
-    fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                             fused=fused or None)
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer impl must be one of {OPTIMIZER_IMPLS}, found {impl!r}")
+    if impl == "auto":
+        impl = "fused" if all(p.is_cuda for p in model.parameters()) else "foreach"
+    kind = {"for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, **kind)

@@ -16,9 +16,9 @@ from groupvit.training.config import TrainConfig
 # Flat keys (or prefixes ending in '.') that may change between a run and its resumption; any other change in the
 # resolved config makes `fit` start afresh instead of resuming an incompatible checkpoint.
 RESUMABLE_CHANGES = ("train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.resume", "train.threads",
-                     "train.nproc", "train.dist_timeout_s", "train.max_minutes", "train.compile", "data.num_workers",
-                     "model.attn_impl", "model.fused_proj", "model.trim_text_padding", "model.grad_checkpointing",
-                     "tracking.")
+                     "train.nproc", "train.dist_timeout_s", "train.max_minutes", "train.compile",
+                     "train.optimizer_impl", "data.num_workers", "model.attn_impl", "model.fused_proj",
+                     "model.trim_text_padding", "model.grad_checkpointing", "tracking.")
 
 
 def resume_key(configs: dict[str, Any]) -> dict[str, Any]:
