@@ -6,6 +6,8 @@ Variants (same batch, thread count, precision and inputs):
   hf/caption       GroupViTModel(input_ids, pixel_values, return_loss=True), backward, AdamW
   ours/infer, hf/infer   eval-mode image + caption embeddings under no_grad
   hf-trim/...      (optional) the HF model fed ids cut to the batch's longest text (CLIPTokenizer padding=True)
+  ours-compiled/...  (optional) our variant with the towers compiled (`compile_model`, inductor); compile time is
+                   paid in the warm-up steps and not timed (`--compile` compiles every ours variant instead)
 
 Ids are in the official format (SOT ... EOT, zero padded to the context length): captions of 10-30 tokens, prompts
 of 8-10 (like "a photo of a dog."). Timing interleaves the variants round by round in one process (fair on a shared
@@ -40,7 +42,8 @@ from groupvit.model import GroupViT, ModelConfig, autocast, compile_model, flops
 SOT, EOT = 49406, 49407
 K_PROMPTS = 3
 VARIANTS = ("ours/full", "ours/caption", "hf/caption", "ours/infer", "hf/infer")
-ALL_VARIANTS = VARIANTS + ("hf-trim/caption", "hf-trim/infer")
+ALL_VARIANTS = VARIANTS + ("hf-trim/caption", "hf-trim/infer", "ours-compiled/full", "ours-compiled/caption",
+                           "ours-compiled/infer")
 
 
 def make_inputs(cfg: ModelConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +111,10 @@ def build_variant(variant: str, args: argparse.Namespace) -> tuple[Callable[[], 
     if what != "full":
         tokens = tokens[:, :1]
     longest = int(tokens.argmax(-1).max()) + 1
-    if who == "ours":
+    if who in ("ours", "ours-compiled"):
+        who, compiled = "ours", args.compile or who == "ours-compiled"
         model = GroupViT(cfg)
-        compile_model(model, args.compile)
+        compile_model(model, compiled)
         loss_fn = GroupViTLoss(multi_label=what == "full")
         text_len = longest if cfg.trim_text_padding else cfg.context_length
     else:
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(+{r.get('increment_mib', float('nan')):.0f} over the process before the model)", flush=True)
     figures = {"matmul_peak_gflops": peak / 1e9}
     for mine, theirs in (("ours/caption", "hf/caption"), ("ours/caption", "hf-trim/caption"),
-                         ("ours/infer", "hf/infer")):
+                         ("ours/infer", "hf/infer"), ("ours-compiled/caption", "hf/caption"),
+                         ("ours-compiled/infer", "hf/infer"), ("ours-compiled/full", "ours/full")):
         if mine in results and theirs in results:
             a, b = results[mine], results[theirs]
             mem = ""

@@ -45,7 +45,9 @@ LABELS = {
     "install_and_repro_minutes": "make install + make repro, minutes", "repro_minutes": "make repro, minutes",
     "first_s": "first submit, s", "repeat_median_s": "resubmit, median s", "repeat_min_s": "resubmit, min s",
     "repeat_max_s": "resubmit, max s", "embedded_repeat_s": "embedded model, resubmit s",
-    "gcc_yfcc_repeat_s": "gcc_yfcc at 448 px, resubmit s",
+    "gcc_yfcc_repeat_s": "gcc_yfcc at 448 px, resubmit s", "job_vs_pipeline": "job / pipeline (wall)",
+    "train_s": "training loop s", "evaluate_s": "evaluate s", "study_of_one_vs_pipeline": "study of one job / pipeline",
+    "saved_by": "saved by", "mib": "MiB", "saved_mib": "saved for backward, MiB",
 }
 PERCENT = {"mfu", "identical_words"}
 # The record's own entries; anything else at a file's top level (e.g. `source`) is shown as where figures came from.
@@ -94,6 +96,18 @@ BENCHMARKS: tuple[Benchmark, ...] = (
          "The training length is `train.epochs` / `train.steps`, the same on any machine; `train.max_minutes` is "
          "only a cap (0 = none), so a slow machine takes longer rather than training less."),
         quick=False),
+    Benchmark(
+        "ablation_job", "Ablation job vs the pipeline's own training + evaluation",
+        "Wall seconds of one `groupvit ablate` job (the base variant at one seed: its child run, job folder and key, "
+        "then the same `groupvit train` and `groupvit evaluate` commands as the DVC stages) against those two "
+        "commands run plainly, one after the other in one temporary folder, on this checkout's pipeline data and "
+        "params.yaml, at the same training length (the default one unless `--steps`).",
+        (f"{PY} benchmarks/ablation_job.py",),
+        (("ablation_job", ""),), ("mlflow",),
+        ("The goal: a job costs no more than the pipeline's own training + evaluation of one model (ratio <= 1), so "
+         "a study of V variants x S seeds costs V x S times the `train` + `evaluate` rows of the pipeline's time.",
+         "The job evaluates one model; the pipeline's `evaluate` stage also evaluates the pixel-wise baseline when "
+         "data/baseline_model exists, which the pipeline side here does not have (one model on each side).")),
     Benchmark(
         "synth_speed", "Synthetic world: generation speed",
         "Images per CPU-second (this process and its workers) and wall images/s of the synthetic world, split into "
@@ -202,6 +216,19 @@ BENCHMARKS: tuple[Benchmark, ...] = (
          "SDPA on CPU: torch 2.13's CPU flash-attention backward is slower than the eager backward at these lengths "
          "while its forward is faster, hence `attn_impl: auto`: SDPA except CPU training; on a GPU always SDPA. "
          "`--attn-impl`, `--grad-checkpointing`, `--compile` and `--variants` compare the alternatives.")),
+    Benchmark(
+        "activation_memory", "What a training step keeps for backward",
+        "One forward and loss of our GroupViT in training mode under the training precision, then a walk over the "
+        "autograd graph from the loss: every node's saved tensors, each storage counted once, parameters left out "
+        "(their bf16 casts under autocast counted), grouped by the op that saved them (`AddmmBackward0`: a linear "
+        "layer's input and bf16 weight, `BmmBackward0`: attention's q, k, v and probabilities, "
+        "`NativeLayerNormBackward0`: the residual stream in fp32, `GeluBackward0`: the MLP's hidden activations) "
+        "and dtype.",
+        (f"{PY} benchmarks/activation_memory.py --preset gcc_yfcc --batch 16",),
+        (("activation_memory_gcc_yfcc", "gcc_yfcc, batch 16, caption-only step (the Hugging Face comparison)"),),
+        notes=("Peak memory = these activations + fp32 weights, gradients and AdamW's two states (16 bytes per "
+               "parameter) + the allocator's slack. Only what is listed here can shrink by keeping less for "
+               "backward; a share is the most a lever on that op can save.",)),
     Benchmark(
         "profile_step", "Where the training step's time goes (torch.profiler)",
         "`torch.profiler` over the real training loop (`groupvit.training.fit`) with params.yaml's model, loss and "

@@ -217,13 +217,16 @@ def chart(stats: list[VariantStats], metric: str, path: Path) -> Path:
     return path
 
 
-def _budget(children: Sequence[Any]) -> str:
+def _budget(children: Sequence[Any], shared: Sequence[str]) -> str:
     steps = sorted({int(r.data.metrics["final/steps"]) for r in children if "final/steps" in r.data.metrics})
     batch = sorted({r.data.params.get("run.global_batch", "?") for r in children})
     if not steps:
         return ""
+    changed = [o for o in shared if o.startswith(("train.", "data."))]  # `ablate.set`: every job's overrides
+    length = (f"set for the study: {', '.join(f'`{o}`' for o in changed)}" if changed
+              else "the default pipeline's own length")
     return (f"Budget per job: {'/'.join(map(str, steps))} training steps at a global batch of {'/'.join(batch)} "
-            f"(the default pipeline's own length), then the evaluation of that model.")
+            f"({length}), then the evaluation of that model.")
 
 
 def _timing(children: Sequence[Any], stats: list[VariantStats], planned: int | None = None) -> str:
@@ -254,11 +257,12 @@ def study_report(client: Any, parent_id: str, out_dir: Path, metric: str = "miou
         with open(client.download_artifacts(parent_id, "plan.json")) as f:
             plan = json.load(f)
         order, planned = list(plan["variants"]), len(plan["variants"]) * len(plan.get("seeds", [])) or None
+        shared = plan.get("shared", [])
     except Exception:  # noqa: BLE001 (any failure to read an optional artifact)
-        order, planned = [], None
+        order, planned, shared = [], None, []
     stats = collect(children, order)
     current = [r for r in children if r.data.tags.get("groupvit.superseded") != "true"]
-    body = markdown(stats, metric, _budget(current), _timing(current, stats, planned))
+    body = markdown(stats, metric, _budget(current, shared), _timing(current, stats, planned))
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [atomic_write(out_dir / "table.md", f"# Ablation study `{parent.info.run_name}`\n\n" + body)]
     if stats:
