@@ -24,8 +24,9 @@ FIGURES = ("miou_test", "miou_val", "group_oracle", "prompt_cosine", "final/fina
 
 @dataclass(frozen=True)
 class PaperEffect:
-    """What the paper reports for an axis: its labels from best to worst, where, and a likely reason if this world
-    disagrees (a hypothesis about scale, stated as such in the report)."""
+    """What the paper reports for an axis: its labels from best to worst (labels joined by `|` share a rank: the
+    paper did not compare them), where, and a likely reason if this world disagrees (a hypothesis about scale,
+    stated as such in the report)."""
 
     order: tuple[str, ...]
     source: str
@@ -40,7 +41,7 @@ PAPER = {
         "dense gradient reaches every group from the first step, which a short run needs more than the crisp "
         "segments hard assignment gives a long one"),
     "multi_label": PaperEffect(
-        ("image", "off"), "Table 1: the multi-label contrastive loss (prompted nouns vs the image) helps",
+        ("image|segment", "off"), "Table 1: the multi-label contrastive loss (prompted nouns vs the image) helps",
         "with ten categories and captions that name them, the caption loss alone already carries the nouns; the "
         "prompted copies add little signal"),
     "group_tokens": PaperEffect(
@@ -109,9 +110,10 @@ def _mean_pm(s: VariantStats, metric: str) -> str:
 def paper_sign(axis: str, label: str, base_label: str) -> int:
     """+1 when the paper ranks `label` above the base's label on `axis`, -1 below, 0 when it says nothing."""
     effect = PAPER.get(axis)
-    if effect is None or label not in effect.order or base_label not in effect.order:
+    rank = {lab: i for i, tier in enumerate(effect.order) for lab in tier.split("|")} if effect else {}
+    if label not in rank or base_label not in rank or rank[label] == rank[base_label]:
         return 0
-    return 1 if effect.order.index(label) < effect.order.index(base_label) else -1
+    return 1 if rank[label] < rank[base_label] else -1
 
 
 def verdicts(stats: list[VariantStats], metric: str) -> list[str]:

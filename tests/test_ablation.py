@@ -11,7 +11,7 @@ from _orchestration import ROOT, built_project_repo  # noqa: I001 (sets PREFECT_
 from groupvit.config import build, load_section
 from groupvit.errors import ConfigError
 from pipelines.ablation import job_key, jobs, plan
-from pipelines.ablation_report import _budget, _timing, collect, markdown, verdicts
+from pipelines.ablation_report import _budget, _timing, collect, markdown, paper_sign, verdicts
 from pipelines.config import AblationConfig
 from pipelines.stages import ablate as ablate_stage
 
@@ -113,6 +113,10 @@ def test_the_report_gives_mean_spread_seeds_and_the_papers_direction():
     assert len(verdict) == 1 and "the opposite of the paper" in verdict[0] and "-10.00" in verdict[0]
     assert "Unfinished: 6 of the 8 planned jobs" in _timing(runs, stats, planned=8)
     assert "Unfinished" not in _timing(runs, stats, planned=6) and "6 jobs (2 variants)" in _timing(runs, stats)
+    # the paper found the multi-label loss helps, matched to the image; it never compared that with a segment match
+    assert paper_sign("multi_label", "off", "segment") == -1 and paper_sign("multi_label", "segment", "off") == 1
+    assert paper_sign("multi_label", "image", "segment") == 0 and paper_sign("group_residual", "1.0", "0.3") == 0
+    assert paper_sign("group_tokens", "8", "16") == -1
     assert "625 training steps" in _budget(runs, []) and "(the default pipeline's own length)" in _budget(runs, [])
     shortened = _budget(runs, ["train.steps=625", "model.depths=[2]"])  # `ablate.set`: not the default length
     assert "(set for the study: `train.steps=625`)" in shortened and "default" not in shortened
