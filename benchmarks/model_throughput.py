@@ -6,6 +6,7 @@ Variants (same batch, thread count, precision and inputs):
   hf/caption       GroupViTModel(input_ids, pixel_values, return_loss=True), backward, AdamW
   ours/infer, hf/infer   eval-mode image + caption embeddings under no_grad
   hf-trim/...      (optional) the HF model fed ids cut to the batch's longest text (CLIPTokenizer padding=True)
+  ours-recompute/...  (optional) ours with `mlp_recompute_act` (each MLP's GELU output recomputed in backward)
   ours-compiled/...  (optional) our variant with the towers compiled (`compile_model`, inductor); compile time is
                    paid in the warm-up steps and not timed (`--compile` compiles every ours variant instead)
 
@@ -43,7 +44,7 @@ SOT, EOT = 49406, 49407
 K_PROMPTS = 3
 VARIANTS = ("ours/full", "ours/caption", "hf/caption", "ours/infer", "hf/infer")
 ALL_VARIANTS = VARIANTS + ("hf-trim/caption", "hf-trim/infer", "ours-compiled/full", "ours-compiled/caption",
-                           "ours-compiled/infer")
+                           "ours-compiled/infer", "ours-recompute/full", "ours-recompute/caption")
 
 
 def make_inputs(cfg: ModelConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,14 +105,15 @@ def rss_mib(field: str = "VmRSS") -> float:
 def build_variant(variant: str, args: argparse.Namespace) -> tuple[Callable[[], None], int, float]:
     """(one step of the variant, text length it runs, executed FLOPs per sample)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(preset=args.preset, grad_checkpointing=args.grad_checkpointing, attn_impl=args.attn_impl)
+    cfg = ModelConfig(preset=args.preset, grad_checkpointing=args.grad_checkpointing, attn_impl=args.attn_impl,
+                      mlp_recompute_act=variant.startswith("ours-recompute/"))
     pixels, tokens = make_inputs(cfg, args.batch)
     who, what = variant.split("/")
     train = what != "infer"
     if what != "full":
         tokens = tokens[:, :1]
     longest = int(tokens.argmax(-1).max()) + 1
-    if who in ("ours", "ours-compiled"):
+    if who in ("ours", "ours-compiled", "ours-recompute"):
         who, compiled = "ours", args.compile or who == "ours-compiled"
         model = GroupViT(cfg)
         compile_model(model, compiled)
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"matmul_peak_gflops": peak / 1e9}
     for mine, theirs in (("ours/caption", "hf/caption"), ("ours/caption", "hf-trim/caption"),
                          ("ours/infer", "hf/infer"), ("ours-compiled/caption", "hf/caption"),
-                         ("ours-compiled/infer", "hf/infer"), ("ours-compiled/full", "ours/full")):
+                         ("ours-compiled/infer", "hf/infer"), ("ours-compiled/full", "ours/full"),
+                         ("ours-recompute/caption", "hf/caption"), ("ours-recompute/caption", "ours/caption")):
         if mine in results and theirs in results:
             a, b = results[mine], results[theirs]
             mem = ""

@@ -79,7 +79,8 @@ class Benchmark:
     quick: bool = True
 
 
-_MT_VARIANTS = "ours/full,ours/caption,hf/caption,ours/infer,hf/infer,ours-compiled/caption,ours-compiled/infer"
+_MT_VARIANTS = ("ours/full,ours/caption,hf/caption,ours/infer,hf/infer,ours-compiled/caption,ours-compiled/infer,"
+                "ours-recompute/caption")
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "pipeline_time", "Pipeline wall time (`make repro`)",
@@ -198,8 +199,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "InfoNCE + multi-label loss over the caption and 3 prompts, backward, fused AdamW; `ours/caption`: the "
         "caption-only step, the work the Hugging Face model can do), the Hugging Face `GroupViTModel` at the same "
         "config (`hf/caption`), inference of both (`*/infer`), optionally HF fed ids cut to the batch's longest text "
-        "(`hf-trim/*`) and ours with its towers compiled (`ours-compiled/*`, inductor; the compile time is paid in "
-        "the warm-up steps); peak memory (VmHWM) of one fresh process per variant.",
+        "(`hf-trim/*`), ours with its towers compiled (`ours-compiled/*`, inductor; the compile time is paid in "
+        "the warm-up steps) and ours keeping no GELU outputs for backward (`ours-recompute/*`, "
+        "`model.mlp_recompute_act`); peak memory (VmHWM) of one fresh process per variant.",
         (f"{PY} benchmarks/model_throughput.py --preset tiny --batch 256 --rounds 5 --variants {_MT_VARIANTS}",
          f"{PY} benchmarks/model_throughput.py --preset gcc_yfcc --batch 16 --rounds 3 --variants {_MT_VARIANTS}"),
         (("model_throughput_tiny", "tiny preset"), ("model_throughput_gcc_yfcc", "gcc_yfcc (the released GroupViT-S)")),

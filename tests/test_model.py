@@ -340,6 +340,35 @@ def test_speed_switch_matches_the_plain_path_in_training(change):
     assert_close_grads(grads_a, grads_b, rel=1e-10)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mlp_recompute_act_trains_bit_for_bit_and_keeps_no_gelu_output(precision):
+    model = GroupViT(cfg(drop_path_rate=0.2)).train()
+    lean = twin(model, mlp_recompute_act=True)
+    x, t = pixels(4), tokens(4, k=2)
+    with autocast(precision):
+        _, loss_a, grads_a = train_step(model, x, t, seed=3)
+        _, loss_b, grads_b = train_step(lean, x, t, seed=3)
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), precision
+
+    def kept_gelu_outputs(m: GroupViT) -> int:
+        """GELU outputs of the image tower still alive once the forward is done (kept for backward)."""
+        import weakref
+
+        refs = []
+        hooks = [mod.act.register_forward_hook(lambda _m, _i, out: refs.append(weakref.ref(out)))
+                 for mod in m.img_encoder.modules() if hasattr(mod, "recompute_act")]
+        with autocast(precision):
+            out = m(x, t)
+        for h in hooks:
+            h.remove()
+        alive = sum(r() is not None for r in refs)
+        del out
+        return alive
+
+    assert kept_gelu_outputs(model) > 0 and kept_gelu_outputs(lean) == 0
+
+
 def test_set_attn_impl_and_set_grad_checkpointing_toggle_in_place():
     model = GroupViT(cfg()).eval()
     x, t = pixels(2), tokens(2, k=1)

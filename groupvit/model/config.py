@@ -43,7 +43,8 @@ class ModelConfig:
     """Architecture of GroupViT (image encoder, text encoder, projection heads) and its performance switches.
 
     `None` means "take the value from `preset`". Performance switches (`attn_impl`, `fused_proj`,
-    `trim_text_padding`, `grad_checkpointing`) never change the function the model computes; tests prove each
+    `trim_text_padding`, `grad_checkpointing`, `mlp_recompute_act`)
+    never change the function the model computes; tests prove each
     matches its plain path.
     """
 
@@ -95,6 +96,9 @@ class ModelConfig:
     trim_text_padding: bool = param(True, help="run the causal text tower only up to the last EOT of the batch "
                                                "(exact: later positions never reach the pooled EOT token)")
     grad_checkpointing: bool = param(False, help="recompute each transformer block in backward (saves memory)")
+    mlp_recompute_act: bool = param(False, help="keep only the GELU input of each image-tower MLP for backward and "
+                                                "recompute its output there, bit for bit (saves memory, ~1 more "
+                                                "elementwise op per MLP)")
 
     def __post_init__(self) -> None:
         preset = PRESETS[self.preset]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from groupvit.model.config import ModelConfig
-from groupvit.model.layers import set_attn_impl
+from groupvit.model.layers import Mlp, set_attn_impl
 from groupvit.model.text import TextTransformer
 from groupvit.model.vision import GroupViTVisionTransformer, resize_pos_embed
 
@@ -59,6 +59,7 @@ class GroupViT(nn.Module):
         init = math.log(1.0 / cfg.contrast_temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.multi_label_logit_scale = nn.Parameter(torch.tensor(init)) if cfg.multi_label else None
+        self.set_mlp_recompute_act(cfg.mlp_recompute_act)
 
     # ----------------------------------------------------------------------------------------------- encoders
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -139,6 +140,12 @@ class GroupViT(nn.Module):
         """Recompute every transformer block of both towers in backward."""
         self.img_encoder.set_grad_checkpointing(enable)
         self.text_encoder.transformer.grad_checkpointing = enable
+
+    def set_mlp_recompute_act(self, enable: bool = True) -> None:
+        """Recompute each image-tower MLP's GELU output in backward instead of keeping it (`layers.Mlp`)."""
+        for m in self.modules():
+            if isinstance(m, Mlp):
+                m.recompute_act = enable
 
     def set_attn_impl(self, impl: str) -> None:
         """`auto`, `sdpa` (fused kernels) or `eager` (explicit softmax) for every attention but AssignAttention."""

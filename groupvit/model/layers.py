@@ -5,6 +5,8 @@ released checkpoints load unchanged (docs/checkpoint_names.md).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,16 +48,42 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU (exact) -> fc2, on the last axis."""
+    """fc1 -> GELU (exact) -> fc2, on the last axis.
+
+    `recompute_act` (ModelConfig.mlp_recompute_act): autograd keeps both the GELU's input h (for the GELU's own
+    backward) and its output a (for fc2's weight gradient), two tensors of [..., hidden]. With the switch, fc2 keeps
+    a reference to h instead of a, and a = GELU(h) is recomputed bit for bit when fc2's backward needs it: one
+    elementwise op more per backward, a of every MLP not kept.
+    """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.recompute_act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if not (self.recompute_act and h.requires_grad) or torch.compiler.is_compiling():
+            return self.fc2(self.act(h))
+        a = self.act(h)
+        # plain values: a closure that names `a` would keep it alive (autograd holds the hooks with the graph)
+        a_storage, a_dtype = a.untyped_storage().data_ptr(), a.dtype
+
+        def pack(t: torch.Tensor) -> Any:
+            if t.untyped_storage().data_ptr() != a_storage:
+                return t  # fc2's weight (or its bf16 cast)
+            return h, a_dtype, t.size(), t.stride(), t.storage_offset()  # a, or the 2-D view the matmul saved
+
+        def unpack(saved: Any) -> torch.Tensor:
+            if isinstance(saved, torch.Tensor):
+                return saved
+            src, dtype, size, stride, offset = saved  # dtype: as autocast ran the GELU (its input's, on CPU)
+            return self.act(src.to(dtype)).as_strided(size, stride, offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return self.fc2(a)
 
 
 class MixerMlp(Mlp):

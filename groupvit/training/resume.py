@@ -18,7 +18,8 @@ from groupvit.training.config import TrainConfig
 RESUMABLE_CHANGES = ("train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.resume", "train.threads",
                      "train.nproc", "train.dist_timeout_s", "train.max_minutes", "train.compile",
                      "train.optimizer_impl", "data.num_workers", "model.attn_impl", "model.fused_proj",
-                     "model.trim_text_padding", "model.grad_checkpointing", "tracking.")
+                     "model.trim_text_padding", "model.grad_checkpointing", "model.mlp_recompute_act",
+                     "tracking.")
 
 
 def resume_key(configs: dict[str, Any]) -> dict[str, Any]:
