@@ -25,11 +25,12 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from groupvit.atomic import atomic_write
+from groupvit.procs import TiedProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -209,3 +210,22 @@ class Run:
         atomic_write(path, json.dumps(_rounded(record), indent=1, default=str) + "\n")
         print(f"results: {path}" + (" (quick run)" if self.quick else ""), flush=True)
         return path
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[int, float, list[tuple[float, str]], float]:
+    """Run `cmd`, echoing its output; (exit status, wall seconds, timestamped lines, start time).
+
+    The command's tree dies with this process (`TiedProcess`), so Ctrl-C, SIGTERM or SIGHUP stop it all."""
+    lines: list[tuple[float, str]] = []
+    start = time.monotonic()
+    with TiedProcess(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in _lines(proc):
+            lines.append((time.monotonic(), line))
+            print(line, end="", flush=True)
+        rc = proc.wait()
+    return rc, time.monotonic() - start, lines, start
+
+
+def _lines(proc: TiedProcess) -> Iterator[str]:
+    assert proc.stdout is not None
+    yield from proc.stdout

@@ -28,8 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _results import ROOT, Run, parse_args
-from pipeline_time import timed
+from _results import ROOT, Run, parse_args, timed
 
 INPUTS = ("data/synth", "data/shards", "data/nouns")
 BIN = Path(sys.executable).parent  # the venv's console scripts (groupvit) beside its python

@@ -27,14 +27,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from _results import ROOT, Run, parse_args
-
-from groupvit.procs import TiedProcess
+from _results import ROOT, Run, parse_args, timed
 
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 
@@ -83,25 +80,6 @@ def stage_seconds(lines: Iterable[tuple[float, str]], end: float) -> dict[str, f
     """
     starts = [(t, m.group(1)) for t, line in lines if (m := STAGE_LINE.match(line.strip()))]
     return {name: (starts[i + 1][0] if i + 1 < len(starts) else end) - t for i, (t, name) in enumerate(starts)}
-
-
-def timed(cmd: list[str], cwd: Path) -> tuple[int, float, list[tuple[float, str]], float]:
-    """Run `cmd`, echoing its output; (exit status, wall seconds, timestamped lines, start time).
-
-    The command's tree dies with this process (`TiedProcess`), so Ctrl-C, SIGTERM or SIGHUP stop it all."""
-    lines: list[tuple[float, str]] = []
-    start = time.monotonic()
-    with TiedProcess(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in _lines(proc):
-            lines.append((time.monotonic(), line))
-            print(line, end="", flush=True)
-        rc = proc.wait()
-    return rc, time.monotonic() - start, lines, start
-
-
-def _lines(proc: TiedProcess) -> Iterator[str]:
-    assert proc.stdout is not None
-    yield from proc.stdout
 
 
 def clone_rows(keep: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
