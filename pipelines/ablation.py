@@ -20,6 +20,13 @@ the pipeline data it reads, the seed). A rerun of the study (the parent run of `
 child run FINISHED with the same key and whose folder holds that key and its metrics; an interrupted job continues
 in its child run from its checkpoints; a job whose key changed (an override, the budget, the data) runs afresh and
 its old child is tagged superseded. `pipelines.ablation_report` turns the children into the report.
+
+Records: each finished job also leaves `<records>/<base>/<variant>/seed<k>.json` (its key, params, final metrics,
+non-system tags, start and end time), small files meant for git. A study run on another machine, or one whose MLflow
+store is gone, restores a job whose record holds its current key as a FINISHED child run (tagged
+`groupvit.restored_from`) instead of rerunning it; merging the records of several machines through git merges their
+studies. The restored child has the final value of each metric, not its history (the loss curve stays in the store
+that ran it).
 """
 from __future__ import annotations
 
@@ -47,6 +54,9 @@ from pipelines.workspace import run_streaming, tool_env
 JOB_SECTIONS = ("base", "model", "data", "train", "evaluate")
 KEY_FILE = ".ablation-key"  # in a job folder: the key of the job whose outputs it holds
 PARENT_TAG, KIND_TAG, KEY_TAG = "groupvit.study", "groupvit.ablation", "groupvit.key"
+RESTORED_TAG = "groupvit.restored_from"  # on a child run rebuilt from a record: the record's path
+# tags of a run that are not carried into its record: MLflow's own, and the study's bookkeeping of that store
+UNRECORDED_TAGS = ("groupvit.superseded", "error")
 
 
 @dataclass(frozen=True)
@@ -253,11 +263,62 @@ class AblationRunner:
         return self.out / job.variant.name / f"seed{job.seed}"
 
     def done(self, job: Job, child: Any | None) -> bool:
-        """Finished before: its child run FINISHED with this key, and its folder holds this key and its metrics."""
+        """Finished before: its child run FINISHED with this key, and its folder (or its record) holds this key and
+        its metrics."""
         folder = self.folder(job)
-        return (child is not None and child.info.status == "FINISHED" and (folder / KEY_FILE).is_file()
-                and (folder / KEY_FILE).read_text().strip() == self.keys[job.name]
-                and (folder / "metrics" / "evaluate.json").is_file())
+        return (child is not None and child.info.status == "FINISHED" and (
+            self.record(job) is not None
+            or ((folder / KEY_FILE).is_file() and (folder / KEY_FILE).read_text().strip() == self.keys[job.name]
+                and (folder / "metrics" / "evaluate.json").is_file())))
+
+    # ---- records: a finished job's result as a small file for git ------------------------------------------
+    def record_path(self, job: Job) -> Path | None:
+        return self.workdir / self.cfg.records / job.variant.name / f"seed{job.seed}.json" if self.cfg.records else None
+
+    def record(self, job: Job) -> dict[str, Any] | None:
+        """The job's record if it holds the job's current key (one of another key is of other settings: ignored)."""
+        path = self.record_path(job)
+        if path is None or not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not a JSON ablation record ({e}); delete it to rerun {job.name}") from e
+        if not isinstance(record, dict) or not {"key", "params", "metrics", "start_time", "end_time"} <= set(record):
+            raise ConfigError(f"{path}: expected an ablation record with key, params, metrics, start_time and "
+                              f"end_time; delete it to rerun {job.name}")
+        return record if record["key"] == self.keys[job.name] else None
+
+    def write_record(self, job: Job, run_id: str) -> Path | None:
+        """Write the record of `job` from its FINISHED child run (sorted keys: a rerun gives a readable diff)."""
+        path = self.record_path(job)
+        if path is None:
+            return None
+        run = self.client.get_run(run_id)
+        record = {"job": job.name, "key": self.keys[job.name], "start_time": run.info.start_time,
+                  "end_time": run.info.end_time, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+                  "tags": {k: v for k, v in run.data.tags.items()
+                           if not k.startswith("mlflow.") and k not in UNRECORDED_TAGS}}
+        return atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+    def restore(self, job: Job, record: dict[str, Any]) -> str:
+        """A FINISHED child run of the parent rebuilt from `record`, with the job's original start and end times."""
+        from mlflow.entities import Metric, Param
+
+        path = self.record_path(job)
+        assert path is not None
+        tags = {**record.get("tags", {}), "mlflow.parentRunId": self.parent_id, KIND_TAG: "job",
+                KEY_TAG: record["key"], RESTORED_TAG: os.path.relpath(path, self.workdir)}
+        run_id = self.client.create_run(self.experiment_id, start_time=record["start_time"], run_name=job.name,
+                                        tags=tags).info.run_id
+        params = [Param(k, str(v)) for k, v in record["params"].items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        metrics = [Metric(k, float(v), record["end_time"], 0) for k, v in record["metrics"].items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self.client.set_terminated(run_id, "FINISHED", end_time=record["end_time"])
+        return run_id
 
     def _prepare(self, job: Job, resume: bool) -> Path:
         """A job folder that looks like the project to the stages: shared inputs linked, outputs its own.
@@ -299,8 +360,16 @@ class AblationRunner:
         mine = [c for c in self.children() if c.data.tags.get(KEY_TAG) == key]
         child = next((c for c in mine if c.info.status == "FINISHED"), mine[0] if mine else None)
         if self.done(job, child):
+            if self.record(job) is None:  # finished before records were kept, or its record was deleted
+                self.write_record(job, child.info.run_id)
             on_line(f"[{job.name}] finished before (child run {child.info.run_id}): not rerun")
             return {"name": job.name, "run_id": child.info.run_id, "status": "FINISHED", "reused": True}
+        record = self.record(job)
+        if record is not None:  # finished in another store (machine, session): its record holds this key
+            run_id = self.restore(job, record)
+            on_line(f"[{job.name}] finished before ({self.record_path(job)}): restored as child run {run_id}, "
+                    "not rerun")
+            return {"name": job.name, "run_id": run_id, "status": "FINISHED", "reused": True}
         resume = child is not None
         if child is None:
             child = self.client.create_run(self.experiment_id, run_name=job.name, tags={
@@ -324,6 +393,8 @@ class AblationRunner:
         if error:
             self.client.set_tag(run_id, "error", error[:5000])
         self.client.update_run(run_id, status=status, name=job.name)
+        if status == "FINISHED":
+            self.write_record(job, run_id)
         return {"name": job.name, "run_id": run_id, "status": status, "reused": False, "error": error}
 
     def supersede_stale(self) -> list[str]:

@@ -49,6 +49,8 @@ class AblationConfig:
     axes: Any = param(None, help="axis name -> {value label: override or list of overrides}")
     set: tuple[str, ...] = param((), help="overrides applied to every job first (the shared budget)")
     out_dir: str = param("data/ablation", help="job folders <base>/<variant>/seed<k>, table.md and chart.png")
+    records: str = param("metrics/ablation", help="one JSON per finished job, <base>/<variant>/seed<k>.json, kept "
+                         "in git: a study continues on another machine or MLflow store from them (empty: none)")
     inputs: tuple[str, ...] = param(("data/synth", "data/shards", "data/nouns"),
                                     help="pipeline outputs every job reads (linked into its folder)")
     rank_by: str = param("miou_test", help="child-run metric the report, chart and compare view rank by")
