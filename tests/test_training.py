@@ -255,6 +255,27 @@ def test_a_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path)
     assert [r["step"] for r in result.curve] == [1, 2, 3, 4, 5, 6]  # the loss curve survives the restart
 
 
+def test_a_resumed_run_steps_with_its_own_optimizer_kernels_not_the_checkpoints(tmp_path, monkeypatch):
+    """train.optimizer_impl may change on resume; load_state_dict alone would restore the checkpoint's flags."""
+    def dies_in_epoch_one(epoch):
+        for i, b in enumerate(batches(epoch)):
+            if epoch == 1 and i == 2:
+                raise Interrupted
+            yield b
+
+    with pytest.raises(Interrupted):
+        run(micro_model(), train_cfg(optimizer_impl="for_loop"), tmp_path, source=dies_in_epoch_one)
+    seen, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append({(g["foreach"], g["fused"]) for g in self.param_groups})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    result = run(micro_model(), train_cfg(optimizer_impl="fused"), tmp_path)
+    assert result.resumed_from == 4 and seen == [{(None, True)}] * 2
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     inner = GroupViTLoss(True)
     calls = []

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from groupvit.config import param
 
+OPTIMIZER_IMPLS = ("auto", "for_loop", "foreach", "fused")  # groupvit.training.optim.build_optimizer
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -33,8 +35,8 @@ class TrainConfig:
     # execution
     precision: str = param("bf16", choices=("bf16", "fp16", "fp32"),
                            help="autocast dtype; bf16 falls back to fp16 + grad scaler on GPUs without bf16")
-    compile: bool = param(False, help="torch.compile the model")
-    optimizer_impl: str = param("auto", choices=("auto", "for_loop", "foreach", "fused"),
+    compile: bool = param(False, help="torch.compile each tower (groupvit.model.compile_model)")
+    optimizer_impl: str = param("auto", choices=OPTIMIZER_IMPLS,
                                 help="AdamW kernels: auto = fused on CUDA, foreach elsewhere (bit-identical to "
                                      "for_loop on CPU); fused on CPU is faster but rounds differently")
     nproc: int | str = param("auto", help="processes on this machine: 'auto' = one per GPU (1 on CPU) or a number")

@@ -182,7 +182,11 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
         state = None
     if state is not None:
         model.load_state_dict(state["model"])
+        # the kernels are this run's choice (train.optimizer_impl): load_state_dict would bring back the checkpoint's
+        kernels = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
+            group.update(chosen)
         scaler.load_state_dict(state["scaler"])
         step, planned, plan_fixed = state["step"], state["planned_steps"], state["plan_fixed"]
         warmup, curve, resumed_from = state["schedule"]["warmup_steps"], list(state["curve"]), state["step"]
@@ -279,7 +283,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., dict[str, torch.Tensor]], batch
                 # foreach: a few multi-tensor kernels instead of one norm per parameter (bit-identical on CPU)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                            cfg.clip_grad if cfg.clip_grad > 0 else float("inf"),
-                                                           foreach=True)
+                                                           foreach=cfg.optimizer_impl != "for_loop")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

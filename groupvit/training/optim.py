@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from groupvit.training.config import OPTIMIZER_IMPLS
+
 
 def is_decay_exempt(name: str, param: torch.Tensor) -> bool:
     """The reference exempts 1-D parameters (norm weights) and biases only.
@@ -24,7 +26,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": exempt, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-OPTIMIZER_IMPLS = ("auto", "for_loop", "foreach", "fused")
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, impl: str = "auto") -> torch.optim.AdamW:
