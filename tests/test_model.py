@@ -369,6 +369,25 @@ def test_mlp_recompute_act_trains_bit_for_bit_and_keeps_no_gelu_output(precision
     assert kept_gelu_outputs(model) > 0 and kept_gelu_outputs(lean) == 0
 
 
+def test_mlp_recompute_act_leaves_the_mlps_of_checkpointed_blocks_to_the_checkpoint():
+    """Nested in a block's checkpoint the Mlp's hooks would keep h, which the checkpoint alone does not keep."""
+    model = GroupViT(cfg(mlp_recompute_act=True, grad_checkpointing=True))
+
+    def recomputing(m: GroupViT) -> tuple[int, int]:
+        """(MLPs of the transformer blocks, other image-tower MLPs) with recompute_act on."""
+        in_blocks = {id(mod) for layer in m.img_encoder.layers for blk in layer.blocks for mod in blk.modules()}
+        mlps = [mod for mod in m.img_encoder.modules() if hasattr(mod, "recompute_act")]
+        return (sum(mod.recompute_act for mod in mlps if id(mod) in in_blocks),
+                sum(mod.recompute_act for mod in mlps if id(mod) not in in_blocks))
+
+    blocks, others = recomputing(model)
+    assert blocks == 0 and others > 0  # the grouping blocks' MLPs are not checkpointed: they still recompute
+    model.set_grad_checkpointing(False)
+    assert recomputing(model)[0] > 0 and recomputing(model)[1] == others
+    model.set_mlp_recompute_act(False)
+    assert recomputing(model) == (0, 0)
+
+
 def test_set_attn_impl_and_set_grad_checkpointing_toggle_in_place():
     model = GroupViT(cfg()).eval()
     x, t = pixels(2), tokens(2, k=1)

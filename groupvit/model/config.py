@@ -43,9 +43,8 @@ class ModelConfig:
     """Architecture of GroupViT (image encoder, text encoder, projection heads) and its performance switches.
 
     `None` means "take the value from `preset`". Performance switches (`attn_impl`, `fused_proj`,
-    `trim_text_padding`, `grad_checkpointing`, `mlp_recompute_act`)
-    never change the function the model computes; tests prove each
-    matches its plain path.
+    `trim_text_padding`, `grad_checkpointing`, `mlp_recompute_act`) never change the function the model computes;
+    tests prove each matches its plain path.
     """
 
     preset: str = param("tiny", choices=tuple(PRESETS), help="named preset that fills every key left unset")
@@ -98,7 +97,8 @@ class ModelConfig:
     grad_checkpointing: bool = param(False, help="recompute each transformer block in backward (saves memory)")
     mlp_recompute_act: bool = param(False, help="keep only the GELU input of each image-tower MLP for backward and "
                                                 "recompute its output there, bit for bit (saves memory, ~1 more "
-                                                "elementwise op per MLP)")
+                                                "elementwise op per MLP); not inside checkpointed blocks, and "
+                                                "left to the compiler under train.compile")
 
     def __post_init__(self) -> None:
         preset = PRESETS[self.preset]

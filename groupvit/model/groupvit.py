@@ -140,12 +140,19 @@ class GroupViT(nn.Module):
         """Recompute every transformer block of both towers in backward."""
         self.img_encoder.set_grad_checkpointing(enable)
         self.text_encoder.transformer.grad_checkpointing = enable
+        self.set_mlp_recompute_act(self.mlp_recompute_act)
 
     def set_mlp_recompute_act(self, enable: bool = True) -> None:
-        """Recompute each image-tower MLP's GELU output in backward instead of keeping it (`layers.Mlp`)."""
+        """Recompute each image-tower MLP's GELU output in backward instead of keeping it (`layers.Mlp`).
+
+        Not in a checkpointed block: the block's checkpoint keeps nothing of it anyway, and the Mlp's saved-tensor
+        hooks, nested in the checkpoint's, would make the checkpoint keep the hidden h of every block."""
+        self.mlp_recompute_act = enable
+        checkpointed = {id(m) for layer in self.img_encoder.layers if layer.grad_checkpointing
+                        for blk in layer.blocks for m in blk.modules()}
         for m in self.modules():
             if isinstance(m, Mlp):
-                m.recompute_act = enable
+                m.recompute_act = enable and id(m) not in checkpointed
 
     def set_attn_impl(self, impl: str) -> None:
         """`auto`, `sdpa` (fused kernels) or `eager` (explicit softmax) for every attention but AssignAttention."""
