@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         train_s = _run([groupvit, "train", "--params", "params.yaml", *sets], pipeline)
         eval_s = _run([groupvit, "evaluate", "--params", "params.yaml", *sets], pipeline)
         study = ["--set", "ablate.seeds=[0]", "--set", f"ablate.set={json.dumps(length)}", "--set",
+                 "ablate.experiment=groupvit-ablation", "--set",
                  f"tracking.uri=sqlite:///{job / 'mlflow.db'}", "--only", "this-world/baseline"]
         job_s = _run([groupvit, "ablate", "--params", "params.yaml", *study], job)
         folder = job / "data/ablation/this-world/baseline/seed0"

@@ -4,7 +4,7 @@
 
 One forward (and the loss) of our GroupViT in training mode under the training precision, then a walk over the
 autograd graph from the loss: every node's `_saved_*` tensors, counted once per storage (a tensor saved by two ops,
-or a weight's bf16 cast shared by its uses, is counted for the first op met), grouped by node type (`MmBackward0`:
+or a weight's bf16 cast shared by its uses, is counted for the first op met), grouped by node type (`AddmmBackward0`:
 a matmul's inputs, `GeluBackward0`: the GELU input, `SoftmaxBackward0`: attention probabilities...) and dtype.
 Parameters themselves are left out (they exist anyway); their bf16 casts under autocast are counted. The peak RSS of
 `model_throughput.py` is this plus weights, gradients, AdamW state and the allocator's slack; this says which part of

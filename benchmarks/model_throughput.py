@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     record = Run(f"model_throughput_{args.preset}", args)
 
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown:  # an unknown "ours-..." name would otherwise time the HF model under our label
+        p.error(f"--variants: unknown {', '.join(unknown)}; expected a comma list of {', '.join(ALL_VARIANTS)}")
     peak = matmul_peak(args.precision)
     print(f"preset {args.preset}, batch {args.batch}, {args.threads} threads, {args.precision}, "
           f"compile {args.compile}, grad ckpt {args.grad_checkpointing}; {args.warmup} warm-up steps, "

@@ -36,12 +36,14 @@ def pixels(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def train_step(model: GroupViT, x: torch.Tensor, t: torch.Tensor, seed: int = 0):
-    """Forward + both losses + backward under a fixed seed; returns (outputs, loss, {name: grad})."""
+def train_step(model: GroupViT, x: torch.Tensor, t: torch.Tensor, seed: int = 0, precision: str = "fp32"):
+    """Forward + both losses (under `precision`'s autocast) + backward (outside it, as `fit` runs it) under a fixed
+    seed; returns (outputs, loss, {name: grad})."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    out = model(x, t)
-    loss = GroupViTLoss(multi_label=True)(out, *model.logit_scales())["loss"]
+    with autocast(precision):
+        out = model(x, t)
+        loss = GroupViTLoss(multi_label=True)(out, *model.logit_scales())["loss"]
     loss.backward()
     return out, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -345,9 +347,8 @@ def test_mlp_recompute_act_trains_bit_for_bit_and_keeps_no_gelu_output(precision
     model = GroupViT(cfg(drop_path_rate=0.2)).train()
     lean = twin(model, mlp_recompute_act=True)
     x, t = pixels(4), tokens(4, k=2)
-    with autocast(precision):
-        _, loss_a, grads_a = train_step(model, x, t, seed=3)
-        _, loss_b, grads_b = train_step(lean, x, t, seed=3)
+    _, loss_a, grads_a = train_step(model, x, t, seed=3, precision=precision)
+    _, loss_b, grads_b = train_step(lean, x, t, seed=3, precision=precision)
     assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a), precision
 

@@ -26,6 +26,8 @@ def test_the_resume_key_ignores_bookkeeping_speed_and_tracking_only():
         assert k not in key
     assert resume_key(configs(log_every=7, threads=3, nproc=2, compile=True, optimizer_impl="fused")) == key
     assert resume_key(configs(lr=0.5)) != key
+    switches = ModelConfig(preset="tiny", mlp_recompute_act=True, grad_checkpointing=True, attn_impl="eager")
+    assert resume_key({**configs(), "model": switches}) == key  # performance switches: the same function
     assert resume_key({**configs(), "tracking": TrackingConfig(experiment="other", uri="sqlite:///x.db")}) == key
 
 
