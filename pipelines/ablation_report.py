@@ -225,7 +225,7 @@ def _budget(children: Sequence[Any], shared: Sequence[str]) -> str:
     if not steps:
         return ""
     changed = [o for o in shared if o.startswith(("train.", "data."))]  # `ablate.set`: every job's overrides
-    length = (f"set for the study: {', '.join(f'`{o}`' for o in changed)}" if changed
+    length = (f"with the study's overrides of every job: {', '.join(f'`{o}`' for o in changed)}" if changed
               else "the default pipeline's own length")
     return (f"Budget per job: {'/'.join(map(str, steps))} training steps at a global batch of {'/'.join(batch)} "
             f"({length}), then the evaluation of that model.")
@@ -241,9 +241,13 @@ def _timing(children: Sequence[Any], stats: list[VariantStats], planned: int | N
     total = sum((r.info.end_time - r.info.start_time) / 1000 for r in done)
     span = (max(r.info.end_time for r in done) - min(r.info.start_time for r in done)) / 1000
     per = [t for s in stats for t in s.seconds]
+    # restored from `ablate.records`: run in another MLflow store (machine, session), so the span has gaps
+    restored = sum("groupvit.restored_from" in r.data.tags for r in done)
+    elsewhere = (f" {restored} of the jobs ran in other MLflow stores (restored from their records), so that span "
+                 "includes the time between those runs." if restored else "")
     return (f"{len(done)} jobs ({len(stats)} variants), {total / 3600:.2f} h of job time in all "
             f"({statistics.median(per) / 60:.1f} min per job, median), {span / 3600:.2f} h from the first job's start "
-            "to the last one's end." + unfinished)
+            "to the last one's end." + elsewhere + unfinished)
 
 
 def study_report(client: Any, parent_id: str, out_dir: Path, metric: str = "miou_test") -> dict[str, Any]:

@@ -114,13 +114,16 @@ def test_the_report_gives_mean_spread_seeds_and_the_papers_direction():
     assert len(verdict) == 1 and "the opposite of the paper" in verdict[0] and "-10.00" in verdict[0]
     assert "Unfinished: 6 of the 8 planned jobs" in _timing(runs, stats, planned=8)
     assert "Unfinished" not in _timing(runs, stats, planned=6) and "6 jobs (2 variants)" in _timing(runs, stats)
+    assert "other MLflow stores" not in _timing(runs, stats)
+    runs[0].data.tags["groupvit.restored_from"] = "metrics/ablation/this-world/baseline/seed0.json"
+    assert "1 of the jobs ran in other MLflow stores" in _timing(runs, stats)
     # the paper found the multi-label loss helps, matched to the image; it never compared that with a segment match
     assert paper_sign("multi_label", "off", "segment") == -1 and paper_sign("multi_label", "segment", "off") == 1
     assert paper_sign("multi_label", "image", "segment") == 0 and paper_sign("group_residual", "1.0", "0.3") == 0
     assert paper_sign("group_tokens", "8", "16") == -1
     assert "625 training steps" in _budget(runs, []) and "(the default pipeline's own length)" in _budget(runs, [])
     shortened = _budget(runs, ["train.steps=625", "model.depths=[2]"])  # `ablate.set`: not the default length
-    assert "(set for the study: `train.steps=625`)" in shortened and "default" not in shortened
+    assert "(with the study's overrides of every job: `train.steps=625`)" in shortened and "default" not in shortened
     one_seed = collect(runs[:1] + runs[3:4], ["this-world/baseline", "this-world/assignment-hard"])
     verdict = verdicts(one_seed, "miou_test")  # 60 -> 50 from one run each: no spread to judge it by
     assert len(verdict) == 1 and "single seed, not yet a finding" in verdict[0] and "opposite" not in verdict[0]
