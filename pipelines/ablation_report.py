@@ -245,7 +245,8 @@ def _timing(children: Sequence[Any], stats: list[VariantStats], planned: int | N
     restored = sum("groupvit.restored_from" in r.data.tags for r in done)
     elsewhere = (f" {restored} of the jobs ran in other MLflow stores (restored from their records), so that span "
                  "includes the time between those runs." if restored else "")
-    return (f"{len(done)} jobs ({len(stats)} variants), {total / 3600:.2f} h of job time in all "
+    jobs, variants = (f"{n} {word}{'s' * (n != 1)}" for n, word in ((len(done), "job"), (len(stats), "variant")))
+    return (f"{jobs} ({variants}), {total / 3600:.2f} h of job time in all "
             f"({statistics.median(per) / 60:.1f} min per job, median), {span / 3600:.2f} h from the first job's start "
             "to the last one's end." + elsewhere + unfinished)
 

@@ -115,6 +115,7 @@ def test_the_report_gives_mean_spread_seeds_and_the_papers_direction():
     assert "Unfinished: 6 of the 8 planned jobs" in _timing(runs, stats, planned=8)
     assert "Unfinished" not in _timing(runs, stats, planned=6) and "6 jobs (2 variants)" in _timing(runs, stats)
     assert "other MLflow stores" not in _timing(runs, stats)
+    assert "1 job (1 variant)" in _timing(runs[:1], stats[:1])
     runs[0].data.tags["groupvit.restored_from"] = "metrics/ablation/this-world/baseline/seed0.json"
     assert "1 of the jobs ran in other MLflow stores" in _timing(runs, stats)
     # the paper found the multi-label loss helps, matched to the image; it never compared that with a segment match
