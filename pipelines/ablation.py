@@ -262,12 +262,12 @@ class AblationRunner:
     def folder(self, job: Job) -> Path:
         return self.out / job.variant.name / f"seed{job.seed}"
 
-    def done(self, job: Job, child: Any | None) -> bool:
-        """Finished before: its child run FINISHED with this key, and its folder (or its record) holds this key and
-        its metrics."""
+    def done(self, job: Job, child: Any | None, record: dict[str, Any] | None) -> bool:
+        """Finished before: its child run FINISHED with this key, and its folder (or its record, `self.record(job)`)
+        holds this key and its metrics."""
         folder = self.folder(job)
         return (child is not None and child.info.status == "FINISHED" and (
-            self.record(job) is not None
+            record is not None
             or ((folder / KEY_FILE).is_file() and (folder / KEY_FILE).read_text().strip() == self.keys[job.name]
                 and (folder / "metrics" / "evaluate.json").is_file())))
 
@@ -359,12 +359,12 @@ class AblationRunner:
         key = self.keys[job.name]
         mine = [c for c in self.children() if c.data.tags.get(KEY_TAG) == key]
         child = next((c for c in mine if c.info.status == "FINISHED"), mine[0] if mine else None)
-        if self.done(job, child):
-            if self.record(job) is None:  # finished before records were kept, or its record was deleted
+        record = self.record(job)
+        if self.done(job, child, record):
+            if record is None:  # finished before records were kept, or its record was deleted
                 self.write_record(job, child.info.run_id)
             on_line(f"[{job.name}] finished before (child run {child.info.run_id}): not rerun")
             return {"name": job.name, "run_id": child.info.run_id, "status": "FINISHED", "reused": True}
-        record = self.record(job)
         if record is not None:  # finished in another store (machine, session): its record holds this key
             run_id = self.restore(job, record)
             on_line(f"[{job.name}] finished before ({self.record_path(job)}): restored as child run {run_id}, "
