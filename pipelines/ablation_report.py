@@ -4,8 +4,9 @@ per-seed values, the change from the base, the paper's direction of each effect,
     .venv/bin/groupvit ablate --report docs/ablations.md     # the latest parent run of `ablate.study`
 
 The figures come from the child runs (`miou_test`, `miou_val`, `group_oracle`, `prompt_cosine`,
-`final/final_loss`, the runs' start and end times); what the paper found is `PAPER` below, its direction only (its
-figures are for GCC+YFCC at 30 epochs and are not comparable with this world's).
+`final/final_loss`, `synth_test/all_background_miou` for scale, the runs' start and end times); what the paper
+found is `PAPER` below, its direction only (its figures are for GCC+YFCC at 30 epochs and are not comparable with
+this world's).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any
 
 from groupvit.atomic import atomic_write
 
-FIGURES = ("miou_test", "miou_val", "group_oracle", "prompt_cosine", "final/final_loss")
+FLOOR = "synth_test/all_background_miou"  # predicting background everywhere: the mIoU a model must rise above
+FIGURES = ("miou_test", "miou_val", "group_oracle", "prompt_cosine", "final/final_loss", FLOOR)
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,24 @@ def paper_sign(axis: str, label: str, base_label: str) -> int:
     return 1 if rank[label] < rank[base_label] else -1
 
 
+def floor(stats: list[VariantStats]) -> float | None:
+    """The all-background mIoU of the test set (the same for every run: it depends on the data only)."""
+    values = [v for s in stats for v in s.values(FLOOR)]
+    return statistics.fmean(values) if values else None
+
+
+def at_floor(s: VariantStats, metric: str, level: float | None) -> bool:
+    """Whether a variant's mean is no further above the all-background level than its seeds spread (at least one
+    point): such a model has not learned to segment, so a change measured against it says little."""
+    mean = s.mean(metric)
+    return level is not None and mean is not None and mean - level <= max(s.std(metric) or 0.0, 1.0)
+
+
 def verdicts(stats: list[VariantStats], metric: str) -> list[str]:
     """One plain sentence per variant whose axis the paper ranked: agrees, disagrees (and why that may be), or
-    within the seeds' spread."""
+    within the seeds' spread; and whether either side stays at the all-background level."""
     lines = []
+    level = floor(stats)
     bases = {s.base: s for s in stats if not s.changed}
     for s in stats:
         if len(s.changed) != 1 or s.base not in bases:
@@ -146,6 +162,10 @@ def verdicts(stats: list[VariantStats], metric: str) -> list[str]:
         else:
             verdict = (f"**{axis}, {base_label} -> {label}** ({s.base}): {delta:+.2f} mIoU, the opposite of {said}. "
                        f"A likely reason at this scale: {effect.if_not_here}.")
+        stuck = [f"`{x.name.split('/', 1)[-1]}`" for x in (base, s) if at_floor(x, metric, level)]
+        if stuck:
+            verdict += (f" Note: {' and '.join(stuck)} {'stay' if len(stuck) > 1 else 'stays'} at the "
+                        f"all-background level ({level:.2f}): not a segmenter yet at this budget.")
         lines.append(verdict)
     return lines
 
@@ -171,6 +191,9 @@ def markdown(stats: list[VariantStats], metric: str, budget: str, timing: str) -
             lines.append(f"| {name} | {_mean_pm(s, metric)} | {per_seed} | {_fmt(delta)} | "
                          f"{_fmt(s.mean('miou_val'))} | {_fmt(s.mean('group_oracle'))} | "
                          f"{_fmt(s.mean('prompt_cosine'), 3)} | {_fmt(s.mean('final/final_loss'), 3)} | {paper} |")
+        level = floor(rows)
+        if level is not None:
+            lines.append(f"| all background (for scale) | {level:.2f} |" + " - |" * 7)
         lines.append("")
     said = verdicts(stats, metric)
     if said:

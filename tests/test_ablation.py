@@ -96,8 +96,8 @@ def _run(name, variant, seed, miou, changed="(base)", base="this-world", **axes)
               **{f"axis.{k}": v for k, v in axes.items()}}
     return SimpleNamespace(info=SimpleNamespace(status="FINISHED", start_time=seed * 1000 + len(variant),
                                                 end_time=seed * 1000 + len(variant) + 300_000, run_name=name),
-                           data=SimpleNamespace(params=params, tags={}, metrics={"miou_test": miou,
-                                                                                 "final/steps": 625.0}))
+                           data=SimpleNamespace(params=params, tags={}, metrics={
+                               "miou_test": miou, "final/steps": 625.0, "synth_test/all_background_miou": 6.77}))
 
 
 def test_the_report_gives_mean_spread_seeds_and_the_papers_direction():
@@ -112,6 +112,15 @@ def test_the_report_gives_mean_spread_seeds_and_the_papers_direction():
     assert "| assignment-hard | 52.00 ± 2.00 | 50.0 / 52.0 / 54.0 | -10.00 |" in text and "| better |" in text
     verdict = verdicts(stats, "miou_test")
     assert len(verdict) == 1 and "the opposite of the paper" in verdict[0] and "-10.00" in verdict[0]
+    assert "| all background (for scale) | 6.77 |" in text and "all-background level" not in verdict[0]
+    # a variant no further above predicting background everywhere than its seeds spread has not learned to segment
+    stuck = [_run(f"o{s}", "this-world/multi_label-off", s, m, "multi_label", assignment="soft", multi_label="off")
+             for s, m in enumerate([7.0, 8.0, 7.5])]
+    for r in runs[:3]:
+        r.data.params["axis.multi_label"] = "image"
+    verdict = verdicts(collect(runs[:3] + stuck), "miou_test")
+    assert "the paper's direction" in verdict[0] and "`multi_label-off` stays at the all-background level (6.77)" \
+        in verdict[0] and "`baseline`" not in verdict[0]
     assert "Unfinished: 6 of the 8 planned jobs" in _timing(runs, stats, planned=8)
     assert "Unfinished" not in _timing(runs, stats, planned=6) and "6 jobs (2 variants)" in _timing(runs, stats)
     assert "other MLflow stores" not in _timing(runs, stats)
